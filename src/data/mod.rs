@@ -1,0 +1,1 @@
+//! Tasks and data: sinusoid regression, N-way K-shot episodes, Omniglot.

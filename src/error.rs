@@ -1,0 +1,98 @@
+//! The crate's one error type for everything the caller can act on: files, data,
+//! configurations and checkpoints. (Shape misuse in tape ops is a programming error
+//! and panics instead, naming the op and both shapes.)
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Errors from data loading, task sampling, configuration and checkpoints.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O error, with the path it concerns.
+    Io {
+        /// The file or folder involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A path that does not exist; `hint` says how to get the data.
+    NotFound {
+        /// The missing path.
+        path: PathBuf,
+        /// What to do about it.
+        hint: String,
+    },
+    /// A zip archive that cannot be read.
+    Zip {
+        /// The archive.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// An image that cannot be decoded or has an unexpected format.
+    Image {
+        /// The image file (inside a zip: `archive.zip!inner/path.png`).
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A data folder or archive whose layout is not the expected one.
+    Layout {
+        /// The folder or archive.
+        path: PathBuf,
+        /// What was expected and what was found.
+        message: String,
+    },
+    /// A configuration value that cannot be used (e.g. more ways than classes).
+    Config(String),
+    /// A checkpoint that is corrupt or does not match the model.
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A task of the meta-batch mapper failed (panicked); `message` is its panic message.
+    Task {
+        /// Index of the failing task along dimension 0.
+        index: usize,
+        /// The panic message.
+        message: String,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { path, source } => write!(f, "I/O error on {}: {source}", path.display()),
+            Error::NotFound { path, hint } => {
+                write!(f, "{} does not exist. {hint}", path.display())
+            }
+            Error::Zip { path, message } => {
+                write!(f, "cannot read zip archive {}: {message}", path.display())
+            }
+            Error::Image { path, message } => write!(f, "cannot decode image {path}: {message}"),
+            Error::Layout { path, message } => {
+                write!(f, "unexpected layout in {}: {message}", path.display())
+            }
+            Error::Config(message) => write!(f, "invalid configuration: {message}"),
+            Error::Checkpoint { path, message } => {
+                write!(f, "bad checkpoint {}: {message}", path.display())
+            }
+            Error::Task { index, message } => write!(f, "task {index} failed: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,7 +1,13 @@
 //! metagrad: few-shot meta-learning on CPU tensors.
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod data;
 pub mod error;
+mod float;
+pub mod ops;
+pub mod tape;
 
 pub use error::{Error, Result};
+pub use float::Float;
+pub use tape::{Tape, Var};

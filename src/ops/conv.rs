@@ -1,0 +1,324 @@
+//! Convolution and pooling on NCHW tensors.
+//!
+//! `conv2d`, its input adjoint `conv2d_input_grad` (a transposed convolution) and its
+//! weight adjoint `conv2d_weight_grad` are three readings of one trilinear form
+//! `<g, conv(x, w)>`, so the backward rule of each is the other two and every order of
+//! derivative stays within the three. Each runs as im2col / col2im plus a matrix
+//! product per sample. Pooling is a [`Gather`] with a computed index map, so its backward
+//! (a scatter-add) and double backward (a gather) come from the shape ops.
+
+use super::{flat, from_vec};
+use crate::ops::linalg::gemm;
+use crate::tape::op::{ConvGeom, Gather};
+use crate::tape::{Op, Tape, Var};
+use crate::Float;
+use ndarray::{ArrayView2, ArrayViewMut2};
+use std::sync::Arc;
+
+/// Unfolds one sample `[C, H, W]` into columns `[C·kh·kw, Ho·Wo]`.
+fn im2col<F: Float>(x: &[F], g: &ConvGeom, cols: &mut [F]) {
+    let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad as isize);
+    let (h, w) = (g.h as isize, g.w as isize);
+    let mut rows = cols.chunks_exact_mut(ho * wo);
+    for c in 0..g.c {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let row = rows.next().expect("im2col rows");
+                for oh in 0..ho {
+                    let ih = (oh * s + i) as isize - p;
+                    let dst = &mut row[oh * wo..(oh + 1) * wo];
+                    if ih < 0 || ih >= h {
+                        dst.fill(F::zero());
+                        continue;
+                    }
+                    let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    if s == 1 && p <= j as isize && (wo as isize - 1 + j as isize - p) < w {
+                        let start = (j as isize - p) as usize;
+                        dst.copy_from_slice(&src[start..start + wo]);
+                        continue;
+                    }
+                    for (ow, d) in dst.iter_mut().enumerate() {
+                        let iw = (ow * s + j) as isize - p;
+                        *d = if iw < 0 || iw >= w {
+                            F::zero()
+                        } else {
+                            src[iw as usize]
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Folds columns `[C·kh·kw, Ho·Wo]` back into one sample `[C, H, W]`, adding overlaps
+/// (the adjoint of [`im2col`]).
+fn col2im<F: Float>(cols: &[F], g: &ConvGeom, x: &mut [F]) {
+    let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad as isize);
+    let (h, w) = (g.h as isize, g.w as isize);
+    x.fill(F::zero());
+    let mut rows = cols.chunks_exact(ho * wo);
+    for c in 0..g.c {
+        let plane = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let row = rows.next().expect("col2im rows");
+                for oh in 0..ho {
+                    let ih = (oh * s + i) as isize - p;
+                    if ih < 0 || ih >= h {
+                        continue;
+                    }
+                    let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    for (ow, &v) in row[oh * wo..(oh + 1) * wo].iter().enumerate() {
+                        let iw = (ow * s + j) as isize - p;
+                        if iw >= 0 && iw < w {
+                            dst[iw as usize] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn mat<F>(data: &[F], rows: usize, cols: usize) -> ArrayView2<'_, F> {
+    ArrayView2::from_shape((rows, cols), data).expect("matrix view")
+}
+
+fn mat_mut<F>(data: &mut [F], rows: usize, cols: usize) -> ArrayViewMut2<'_, F> {
+    ArrayViewMut2::from_shape((rows, cols), data).expect("matrix view")
+}
+
+impl<F: Float> Tape<F> {
+    /// 2-D convolution (cross-correlation, as in every deep-learning library) of
+    /// `x: [N, C, H, W]` with `w: [O, C, kh, kw]`, equal stride and zero padding in both
+    /// directions; returns `[N, O, Ho, Wo]` with `Ho = (H + 2·pad − kh) / stride + 1`.
+    ///
+    /// # Panics
+    /// If the shapes are not 4-D, the channels differ, the stride is zero, or the kernel
+    /// is larger than the padded input.
+    #[track_caller]
+    pub fn conv2d(&mut self, x: Var, w: Var, stride: usize, pad: usize) -> Var {
+        let (sx, sw) = (self.shape(x), self.shape(w));
+        assert!(
+            sx.len() == 4 && sw.len() == 4 && sx[1] == sw[1],
+            "metagrad::conv2d: input {sx:?} (N, C, H, W) and weight {sw:?} (O, C, kh, kw) \
+             do not match"
+        );
+        assert!(
+            stride > 0 && sx[2] + 2 * pad >= sw[2] && sx[3] + 2 * pad >= sw[3],
+            "metagrad::conv2d: kernel {sw:?} with stride {stride} and padding {pad} does not \
+             fit input {sx:?}"
+        );
+        let geom = ConvGeom {
+            n: sx[0],
+            c: sx[1],
+            h: sx[2],
+            w: sx[3],
+            o: sw[0],
+            kh: sw[2],
+            kw: sw[3],
+            stride,
+            pad,
+        };
+        self.conv2d_geom(x, w, geom)
+    }
+
+    #[track_caller]
+    pub(crate) fn conv2d_geom(&mut self, x: Var, w: Var, g: ConvGeom) -> Var {
+        let (ho, wo) = (g.ho(), g.wo());
+        let ckk = g.c * g.kh * g.kw;
+        let xs = flat(self.value(x));
+        let ws = flat(self.value(w));
+        let mut out = vec![F::zero(); g.n * g.o * ho * wo];
+        let mut cols = vec![F::zero(); ckk * ho * wo];
+        for (n, o) in out.chunks_exact_mut(g.o * ho * wo).enumerate() {
+            im2col(
+                &xs[n * g.c * g.h * g.w..(n + 1) * g.c * g.h * g.w],
+                &g,
+                &mut cols,
+            );
+            let mut c = mat_mut(o, g.o, ho * wo);
+            gemm(
+                mat(ws, g.o, ckk),
+                mat(&cols, ckk, ho * wo),
+                false,
+                false,
+                &mut c,
+                F::zero(),
+            );
+        }
+        let value = from_vec(&[g.n, g.o, ho, wo], out);
+        self.push(value, Op::Conv2d(x, w, g), &[x, w])
+    }
+
+    /// The adjoint of [`Tape::conv2d`] in its input: the transposed convolution of
+    /// `gy: [N, O, Ho, Wo]` with `w: [O, C, kh, kw]`, shaped like the input `[N, C, H, W]`.
+    #[track_caller]
+    pub fn conv2d_input_grad(&mut self, gy: Var, w: Var, g: ConvGeom) -> Var {
+        let (ho, wo) = (g.ho(), g.wo());
+        let ckk = g.c * g.kh * g.kw;
+        assert!(
+            self.shape(gy) == [g.n, g.o, ho, wo] && self.shape(w) == [g.o, g.c, g.kh, g.kw],
+            "metagrad::conv2d_input_grad: gradient {:?} and weight {:?} do not fit {g:?}",
+            self.shape(gy),
+            self.shape(w)
+        );
+        let gs = flat(self.value(gy));
+        let ws = flat(self.value(w));
+        let mut out = vec![F::zero(); g.n * g.c * g.h * g.w];
+        let mut cols = vec![F::zero(); ckk * ho * wo];
+        for (n, xo) in out.chunks_exact_mut(g.c * g.h * g.w).enumerate() {
+            let gn = &gs[n * g.o * ho * wo..(n + 1) * g.o * ho * wo];
+            let mut c = mat_mut(&mut cols, ckk, ho * wo);
+            gemm(
+                mat(ws, g.o, ckk),
+                mat(gn, g.o, ho * wo),
+                true,
+                false,
+                &mut c,
+                F::zero(),
+            );
+            col2im(&cols, &g, xo);
+        }
+        let value = from_vec(&[g.n, g.c, g.h, g.w], out);
+        self.push(value, Op::Conv2dInputGrad(gy, w, g), &[gy, w])
+    }
+
+    /// The adjoint of [`Tape::conv2d`] in its weight: `Σₙ gyₙ · im2col(xₙ)ᵀ`, shaped like
+    /// the weight `[O, C, kh, kw]`.
+    #[track_caller]
+    pub fn conv2d_weight_grad(&mut self, x: Var, gy: Var, g: ConvGeom) -> Var {
+        let (ho, wo) = (g.ho(), g.wo());
+        let ckk = g.c * g.kh * g.kw;
+        assert!(
+            self.shape(gy) == [g.n, g.o, ho, wo] && self.shape(x) == [g.n, g.c, g.h, g.w],
+            "metagrad::conv2d_weight_grad: input {:?} and gradient {:?} do not fit {g:?}",
+            self.shape(x),
+            self.shape(gy)
+        );
+        let xs = flat(self.value(x));
+        let gs = flat(self.value(gy));
+        let mut out = vec![F::zero(); g.o * ckk];
+        let mut cols = vec![F::zero(); ckk * ho * wo];
+        {
+            let mut c = mat_mut(&mut out, g.o, ckk);
+            for n in 0..g.n {
+                im2col(
+                    &xs[n * g.c * g.h * g.w..(n + 1) * g.c * g.h * g.w],
+                    &g,
+                    &mut cols,
+                );
+                let gn = &gs[n * g.o * ho * wo..(n + 1) * g.o * ho * wo];
+                gemm(
+                    mat(gn, g.o, ho * wo),
+                    mat(&cols, ckk, ho * wo),
+                    false,
+                    true,
+                    &mut c,
+                    F::one(),
+                );
+            }
+        }
+        let value = from_vec(&[g.o, g.c, g.kh, g.kw], out);
+        self.push(value, Op::Conv2dWeightGrad(x, gy, g), &[x, gy])
+    }
+
+    /// Max-pooling of `x: [N, C, H, W]` with a `k × k` window and the given stride, no
+    /// padding (rows and columns that do not fill a window are dropped, as in PyTorch).
+    /// The gradient goes to the first maximal element of each window.
+    ///
+    /// # Panics
+    /// If `x` is not 4-D, `k` or `stride` is zero, or the window is larger than the input.
+    #[track_caller]
+    pub fn max_pool2d(&mut self, x: Var, k: usize, stride: usize) -> Var {
+        let (idx, _) = self.pool_windows("max_pool2d", x, k, stride);
+        let xs = flat(self.value(x));
+        let kk = k * k;
+        let src: Vec<usize> = idx
+            .chunks_exact(kk)
+            .map(|win| {
+                let mut best = win[0];
+                for &i in &win[1..] {
+                    if xs[i] > xs[best] {
+                        best = i;
+                    }
+                }
+                best
+            })
+            .collect();
+        let s = self.shape(x);
+        let (ho, wo) = ((s[2] - k) / stride + 1, (s[3] - k) / stride + 1);
+        let map = Gather {
+            src,
+            in_shape: s.to_vec(),
+            out_shape: vec![s[0], s[1], ho, wo],
+        };
+        self.gather(x, Arc::new(map))
+    }
+
+    /// Average pooling of `x: [N, C, H, W]` with a `k × k` window and the given stride, no
+    /// padding.
+    ///
+    /// # Panics
+    /// As [`Tape::max_pool2d`].
+    #[track_caller]
+    pub fn avg_pool2d(&mut self, x: Var, k: usize, stride: usize) -> Var {
+        let (idx, out_shape) = self.pool_windows("avg_pool2d", x, k, stride);
+        let mut win_shape = out_shape;
+        win_shape.push(k * k);
+        let map = Gather {
+            src: idx,
+            in_shape: self.shape(x).to_vec(),
+            out_shape: win_shape,
+        };
+        let windows = self.gather(x, Arc::new(map));
+        self.mean_axes(windows, &[4], false)
+    }
+
+    /// Global average pooling: `[N, C, H, W]` → `[N, C]`.
+    ///
+    /// # Panics
+    /// If `x` is not 4-D.
+    #[track_caller]
+    pub fn global_avg_pool(&mut self, x: Var) -> Var {
+        assert!(
+            self.shape(x).len() == 4,
+            "metagrad::global_avg_pool: expected [N, C, H, W], got {:?}",
+            self.shape(x)
+        );
+        self.mean_axes(x, &[2, 3], false)
+    }
+
+    /// Flat input indices of every pooling window, window by window, and the output shape.
+    #[track_caller]
+    fn pool_windows(
+        &self,
+        name: &str,
+        x: Var,
+        k: usize,
+        stride: usize,
+    ) -> (Vec<usize>, Vec<usize>) {
+        let s = self.shape(x);
+        assert!(
+            s.len() == 4 && k > 0 && stride > 0 && s[2] >= k && s[3] >= k,
+            "metagrad::{name}: window {k} with stride {stride} does not fit input {s:?} \
+             (expected [N, C, H, W])"
+        );
+        let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+        let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
+        let mut idx = Vec::with_capacity(n * c * ho * wo * k * k);
+        for plane in 0..n * c {
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    for i in 0..k {
+                        let row = plane * h * w + (oh * stride + i) * w + ow * stride;
+                        idx.extend(row..row + k);
+                    }
+                }
+            }
+        }
+        (idx, vec![n, c, ho, wo])
+    }
+}

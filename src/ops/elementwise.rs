@@ -1,0 +1,222 @@
+//! Elementwise ops: arithmetic with numpy-style broadcasting, scalar ops, and
+//! nonlinearities.
+
+use super::{flat, from_vec};
+use crate::tape::{Op, Tape, Var};
+use crate::Float;
+use ndarray::{ArrayD, IxDyn, Zip};
+use std::sync::Arc;
+
+/// The numpy broadcast of two shapes, or `None` when they are incompatible.
+pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
+impl<F: Float> Tape<F> {
+    #[track_caller]
+    fn binary(&mut self, name: &str, a: Var, b: Var, f: impl Fn(F, F) -> F, op: Op) -> Var {
+        let (x, y) = (self.value(a), self.value(b));
+        let value = if x.shape() == y.shape() {
+            let v = flat(x)
+                .iter()
+                .zip(flat(y))
+                .map(|(&p, &q)| f(p, q))
+                .collect();
+            from_vec(x.shape(), v)
+        } else {
+            let shape = broadcast_shapes(x.shape(), y.shape()).unwrap_or_else(|| {
+                panic!(
+                    "metagrad::{name}: shapes {:?} and {:?} do not broadcast",
+                    x.shape(),
+                    y.shape()
+                )
+            });
+            let xv = x.broadcast(IxDyn(&shape)).expect("broadcast");
+            let yv = y.broadcast(IxDyn(&shape)).expect("broadcast");
+            let mut out = ArrayD::zeros(IxDyn(&shape));
+            Zip::from(&mut out)
+                .and(&xv)
+                .and(&yv)
+                .for_each(|o, &p, &q| *o = f(p, q));
+            out
+        };
+        self.push(value, op, &[a, b])
+    }
+
+    fn unary(&mut self, a: Var, f: impl Fn(F) -> F, op: Op) -> Var {
+        let x = self.value(a);
+        let value = from_vec(x.shape(), flat(x).iter().map(|&p| f(p)).collect());
+        self.push(value, op, &[a])
+    }
+
+    /// `a + b`, broadcasting as numpy does.
+    ///
+    /// # Panics
+    /// If the shapes do not broadcast; the message names the op and both shapes.
+    #[track_caller]
+    pub fn add(&mut self, a: Var, b: Var) -> Var {
+        self.binary("add", a, b, |p, q| p + q, Op::Add(a, b))
+    }
+
+    /// `a - b`, broadcasting.
+    #[track_caller]
+    pub fn sub(&mut self, a: Var, b: Var) -> Var {
+        self.binary("sub", a, b, |p, q| p - q, Op::Sub(a, b))
+    }
+
+    /// `a * b` elementwise, broadcasting.
+    #[track_caller]
+    pub fn mul(&mut self, a: Var, b: Var) -> Var {
+        self.binary("mul", a, b, |p, q| p * q, Op::Mul(a, b))
+    }
+
+    /// `a / b` elementwise, broadcasting.
+    #[track_caller]
+    pub fn div(&mut self, a: Var, b: Var) -> Var {
+        self.binary("div", a, b, |p, q| p / q, Op::Div(a, b))
+    }
+
+    /// `-a`.
+    pub fn neg(&mut self, a: Var) -> Var {
+        self.unary(a, |p| -p, Op::Neg(a))
+    }
+
+    /// `a + c` for a scalar `c`.
+    pub fn add_scalar(&mut self, a: Var, c: f64) -> Var {
+        let k = F::c(c);
+        self.unary(a, |p| p + k, Op::AddScalar(a, c))
+    }
+
+    /// `a * c` for a scalar `c`.
+    pub fn mul_scalar(&mut self, a: Var, c: f64) -> Var {
+        let k = F::c(c);
+        self.unary(a, |p| p * k, Op::MulScalar(a, c))
+    }
+
+    /// `aⁿ` for an integer `n`.
+    pub fn powi(&mut self, a: Var, n: i32) -> Var {
+        self.unary(a, |p| p.powi(n), Op::Powi(a, n))
+    }
+
+    /// `a²`.
+    pub fn square(&mut self, a: Var) -> Var {
+        self.powi(a, 2)
+    }
+
+    /// `exp(a)`.
+    pub fn exp(&mut self, a: Var) -> Var {
+        self.unary(a, |p| p.exp(), Op::Exp(a))
+    }
+
+    /// `ln(a)` (natural logarithm).
+    pub fn ln(&mut self, a: Var) -> Var {
+        self.unary(a, |p| p.ln(), Op::Ln(a))
+    }
+
+    /// `sqrt(a)`.
+    pub fn sqrt(&mut self, a: Var) -> Var {
+        self.unary(a, |p| p.sqrt(), Op::Sqrt(a))
+    }
+
+    /// `tanh(a)`.
+    pub fn tanh(&mut self, a: Var) -> Var {
+        self.unary(a, |p| p.tanh(), Op::Tanh(a))
+    }
+
+    /// The logistic sigmoid `1 / (1 + exp(-a))`.
+    pub fn sigmoid(&mut self, a: Var) -> Var {
+        self.unary(a, |p| F::one() / (F::one() + (-p).exp()), Op::Sigmoid(a))
+    }
+
+    /// `a` where `mask` is true and zero elsewhere; `mask` has one entry per element
+    /// (row-major). The mask is a constant: no gradient flows into it.
+    ///
+    /// # Panics
+    /// If the mask's length differs from the number of elements.
+    #[track_caller]
+    pub fn mask(&mut self, a: Var, mask: Vec<bool>) -> Var {
+        self.mask_shared(a, Arc::new(mask))
+    }
+
+    #[track_caller]
+    pub(crate) fn mask_shared(&mut self, a: Var, mask: Arc<Vec<bool>>) -> Var {
+        let x = self.value(a);
+        assert!(
+            mask.len() == x.len(),
+            "metagrad::mask: mask of {} entries for a tensor of shape {:?}",
+            mask.len(),
+            x.shape()
+        );
+        let v = flat(x)
+            .iter()
+            .zip(mask.iter())
+            .map(|(&p, &m)| if m { p } else { F::zero() })
+            .collect();
+        let value = from_vec(x.shape(), v);
+        self.push(value, Op::Mask(a, mask), &[a])
+    }
+
+    /// `max(a, 0)`. Its derivative is the step function (taken as 0 at 0) and its second
+    /// derivative is zero wherever it exists: a ReLU network's Hessian comes only from the
+    /// other ops (losses, products).
+    pub fn relu(&mut self, a: Var) -> Var {
+        let m: Vec<bool> = flat(self.value(a)).iter().map(|&p| p > F::zero()).collect();
+        self.mask(a, m)
+    }
+
+    /// Elementwise select: `a` where `cond` is true, `b` elsewhere (same shapes; `cond` is
+    /// a constant, row-major).
+    ///
+    /// # Panics
+    /// If `a` and `b` differ in shape or `cond` in length.
+    #[track_caller]
+    pub fn where_(&mut self, cond: &[bool], a: Var, b: Var) -> Var {
+        assert!(
+            self.shape(a) == self.shape(b),
+            "metagrad::where_: shapes {:?} and {:?} differ",
+            self.shape(a),
+            self.shape(b)
+        );
+        let ma = self.mask(a, cond.to_vec());
+        let mb = self.mask(b, cond.iter().map(|c| !c).collect());
+        self.add(ma, mb)
+    }
+
+    /// Elementwise maximum of two tensors of the same shape (ties take `a`). The gradient
+    /// goes to the larger element.
+    #[track_caller]
+    pub fn maximum(&mut self, a: Var, b: Var) -> Var {
+        assert!(
+            self.shape(a) == self.shape(b),
+            "metagrad::maximum: shapes {:?} and {:?} differ",
+            self.shape(a),
+            self.shape(b)
+        );
+        let cond: Vec<bool> = flat(self.value(a))
+            .iter()
+            .zip(flat(self.value(b)))
+            .map(|(p, q)| p >= q)
+            .collect();
+        self.where_(&cond, a, b)
+    }
+}

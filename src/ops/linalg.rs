@@ -1,0 +1,95 @@
+//! Matrix multiplication, 2-D and batched.
+
+use super::from_vec;
+use crate::tape::{Op, Tape, Var};
+use crate::Float;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2, Axis, Ix2, Ix3};
+
+/// `c = op(a) op(b)` into a row-major output, `op` transposing where the flag is set.
+pub(crate) fn gemm<F: Float>(
+    a: ArrayView2<'_, F>,
+    b: ArrayView2<'_, F>,
+    ta: bool,
+    tb: bool,
+    c: &mut ArrayViewMut2<'_, F>,
+    beta: F,
+) {
+    let a = if ta { a.reversed_axes() } else { a };
+    let b = if tb { b.reversed_axes() } else { b };
+    general_mat_mul(F::one(), &a, &b, beta, c);
+}
+
+impl<F: Float> Tape<F> {
+    /// Matrix product `a @ b` of 2-D tensors `[m, k] @ [k, n]`, or batched 3-D tensors
+    /// `[B, m, k] @ [B, k, n]`.
+    ///
+    /// # Panics
+    /// If the ranks or inner dimensions do not match; the message gives both shapes.
+    #[track_caller]
+    pub fn matmul(&mut self, a: Var, b: Var) -> Var {
+        self.matmul_t(a, b, false, false)
+    }
+
+    /// `op(a) @ op(b)`, where `op` swaps the last two axes of an operand whose flag is
+    /// set; no transposed copy is made.
+    ///
+    /// # Panics
+    /// If the ranks or inner dimensions do not match.
+    #[track_caller]
+    pub fn matmul_t(&mut self, a: Var, b: Var, ta: bool, tb: bool) -> Var {
+        let (x, y) = (self.value(a), self.value(b));
+        let (sa, sb) = (x.shape(), y.shape());
+        let dims = |s: &[usize], t: bool| {
+            let r = s.len();
+            if t {
+                (s[r - 1], s[r - 2])
+            } else {
+                (s[r - 2], s[r - 1])
+            }
+        };
+        let ok_rank =
+            (sa.len() == 2 && sb.len() == 2) || (sa.len() == 3 && sb.len() == 3 && sa[0] == sb[0]);
+        assert!(
+            ok_rank,
+            "metagrad::matmul: shapes {sa:?} and {sb:?}: need two 2-D tensors or two 3-D \
+             tensors with the same batch size"
+        );
+        let ((m, k), (k2, n)) = (dims(sa, ta), dims(sb, tb));
+        assert!(
+            k == k2,
+            "metagrad::matmul: inner dimensions differ: shapes {sa:?}{} and {sb:?}{}",
+            if ta { "ᵀ" } else { "" },
+            if tb { "ᵀ" } else { "" }
+        );
+        let value = if sa.len() == 2 {
+            let mut out = from_vec(&[m, n], vec![F::zero(); m * n]);
+            let mut c = out.view_mut().into_dimensionality::<Ix2>().expect("2-D");
+            let av = x.view().into_dimensionality::<Ix2>().expect("2-D");
+            let bv = y.view().into_dimensionality::<Ix2>().expect("2-D");
+            gemm(av, bv, ta, tb, &mut c, F::zero());
+            out
+        } else {
+            let batch = sa[0];
+            let mut out = from_vec(&[batch, m, n], vec![F::zero(); batch * m * n]);
+            {
+                let mut o3 = out.view_mut().into_dimensionality::<Ix3>().expect("3-D");
+                let a3 = x.view().into_dimensionality::<Ix3>().expect("3-D");
+                let b3 = y.view().into_dimensionality::<Ix3>().expect("3-D");
+                for i in 0..batch {
+                    let mut c = o3.index_axis_mut(Axis(0), i);
+                    gemm(
+                        a3.index_axis(Axis(0), i),
+                        b3.index_axis(Axis(0), i),
+                        ta,
+                        tb,
+                        &mut c,
+                        F::zero(),
+                    );
+                }
+            }
+            out
+        };
+        self.push(value, Op::MatMul { a, b, ta, tb }, &[a, b])
+    }
+}

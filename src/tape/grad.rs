@@ -1,0 +1,180 @@
+//! The backward pass: [`Tape::grad`] and [`Tape::vjp`].
+
+use super::{vjp, Op, Tape, Var};
+use crate::Float;
+use ndarray::ArrayD;
+
+impl<F: Float> Tape<F> {
+    /// Gradients of the one-element tensor `output` with respect to each of `wrt`.
+    ///
+    /// With `create_graph = true` the backward pass is recorded on this tape, so the
+    /// returned gradients can be differentiated again (second-order MAML, Hessian-vector
+    /// products). With `create_graph = false` it records nothing: the gradients come back
+    /// as constants and the tape keeps only them (the fast path for first-order methods and
+    /// plain training).
+    ///
+    /// A `wrt` that `output` does not depend on gets a gradient of zeros.
+    ///
+    /// # Panics
+    /// If `output` has more than one element (use [`Tape::vjp`]), or if a `wrt` is a
+    /// constant (place it with [`Tape::param`]).
+    #[track_caller]
+    pub fn grad(&mut self, output: Var, wrt: &[Var], create_graph: bool) -> Vec<Var> {
+        let shape = self.shape(output).to_vec();
+        assert!(
+            shape.iter().product::<usize>() == 1,
+            "metagrad::grad: output must have one element, got shape {shape:?}; \
+             reduce it first (sum, mean) or use Tape::vjp with a seed"
+        );
+        let start = self.len();
+        let seed = self.constant(ArrayD::ones(shape));
+        self.backward(output, seed, wrt, create_graph, start)
+    }
+
+    /// Vector-Jacobian products: the gradients of `sum(output * seed)` with respect to each
+    /// of `wrt`. See [`Tape::grad`] for `create_graph`.
+    ///
+    /// # Panics
+    /// If `seed` and `output` differ in shape, or a `wrt` is a constant.
+    #[track_caller]
+    pub fn vjp(&mut self, output: Var, seed: Var, wrt: &[Var], create_graph: bool) -> Vec<Var> {
+        assert!(
+            self.shape(seed) == self.shape(output),
+            "metagrad::vjp: seed shape {:?} differs from output shape {:?}",
+            self.shape(seed),
+            self.shape(output)
+        );
+        let start = self.len();
+        self.backward(output, seed, wrt, create_graph, start)
+    }
+
+    /// The backward pass; nodes from `start` on are scratch when not creating a graph.
+    fn backward(
+        &mut self,
+        output: Var,
+        seed: Var,
+        wrt: &[Var],
+        create_graph: bool,
+        start: usize,
+    ) -> Vec<Var> {
+        for (i, w) in wrt.iter().enumerate() {
+            assert!(
+                self.requires_grad(*w),
+                "metagrad::grad: wrt[{i}] (Var {}) is a constant, not a parameter; \
+                 place it on the tape with Tape::param",
+                w.0
+            );
+        }
+        let n = output.0 + 1;
+
+        // Which nodes lie on a path from some `wrt` to `output`.
+        let mut needed = vec![false; n];
+        for w in wrt {
+            if w.0 < n {
+                needed[w.0] = true;
+            }
+        }
+        let first = wrt.iter().map(|w| w.0).min().unwrap_or(n);
+        for i in first..n {
+            if !needed[i] && self.nodes[i].requires_grad {
+                needed[i] = self.nodes[i].op.inputs().iter().any(|v| needed[v.0]);
+            }
+        }
+
+        let recording = self.recording;
+        self.recording = recording && create_graph;
+        let mut grads: Vec<Option<Var>> = vec![None; n];
+        grads[output.0] = Some(seed);
+        let mut contribs = Vec::with_capacity(4);
+        for i in (first..n).rev() {
+            if !needed[i] {
+                continue;
+            }
+            let Some(g) = grads[i] else { continue };
+            if matches!(self.nodes[i].op, Op::Leaf) {
+                continue;
+            }
+            if !wrt.contains(&Var(i)) {
+                grads[i] = None; // consumed; leaves keep theirs for the result
+            }
+            let op = self.nodes[i].op.clone();
+            contribs.clear();
+            vjp::vjp(self, &op, Var(i), g, &|v: Var| needed[v.0], &mut contribs);
+            for &(input, gi) in contribs.iter() {
+                grads[input.0] = Some(match grads[input.0] {
+                    None => gi,
+                    Some(prev) => self.add(prev, gi),
+                });
+            }
+        }
+        self.recording = recording;
+
+        let result: Vec<Option<Var>> = wrt.iter().map(|w| grads[w.0]).collect();
+        if create_graph && recording {
+            return result
+                .into_iter()
+                .zip(wrt)
+                .map(|(g, w)| g.unwrap_or_else(|| self.zeros_like(*w)))
+                .collect();
+        }
+        // Nothing to keep but the gradients themselves: move them out, drop the
+        // backward pass's intermediate nodes, and put the gradients back as constants.
+        let mut taken: Vec<(Var, ArrayD<F>)> = Vec::with_capacity(wrt.len());
+        let mut values = Vec::with_capacity(wrt.len());
+        for (g, w) in result.iter().zip(wrt) {
+            let value = match g {
+                None => ArrayD::zeros(self.shape(*w)),
+                Some(g) => match taken.iter().find(|(v, _)| v == g) {
+                    Some((_, a)) => a.clone(),
+                    None if g.0 >= start => {
+                        let a = self.take(*g);
+                        taken.push((*g, a.clone()));
+                        a
+                    }
+                    None => self.value(*g).clone(),
+                },
+            };
+            values.push(value);
+        }
+        drop(taken);
+        self.truncate(start);
+        values.into_iter().map(|a| self.constant(a)).collect()
+    }
+
+    fn zeros_like(&mut self, v: Var) -> Var {
+        let shape = self.shape(v).to_vec();
+        self.zeros(&shape)
+    }
+}
+
+impl Op {
+    /// The nodes this op reads.
+    pub fn inputs(&self) -> Vec<Var> {
+        match self {
+            Op::Leaf => vec![],
+            Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) => vec![*a, *b],
+            Op::MatMul { a, b, .. } => vec![*a, *b],
+            Op::Conv2d(a, b, _) | Op::Conv2dInputGrad(a, b, _) | Op::Conv2dWeightGrad(a, b, _) => {
+                vec![*a, *b]
+            }
+            Op::Neg(a)
+            | Op::AddScalar(a, _)
+            | Op::MulScalar(a, _)
+            | Op::Powi(a, _)
+            | Op::Exp(a)
+            | Op::Ln(a)
+            | Op::Sqrt(a)
+            | Op::Tanh(a)
+            | Op::Sigmoid(a)
+            | Op::Mask(a, _)
+            | Op::SumTo(a, _)
+            | Op::BroadcastTo(a, _)
+            | Op::Reshape(a, _)
+            | Op::Permute(a, _)
+            | Op::Gather(a, _)
+            | Op::ScatterAdd(a, _)
+            | Op::LogSoftmax(a) => vec![*a],
+            Op::Concat(vs, _) => vs.clone(),
+        }
+    }
+}

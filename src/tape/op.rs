@@ -1,0 +1,170 @@
+//! The closed set of primitive operations a tape records.
+//!
+//! Every variant has exactly one backward rule in [`super::vjp`], written with the tape's
+//! own ops; the `match` there is exhaustive, so an op without a rule does not compile,
+//! and every rule is itself differentiable. Composite operations (softmax, cross-entropy,
+//! batch norm, max-pool, ...) are built from these in [`crate::ops`].
+
+use super::Var;
+use std::sync::Arc;
+
+/// Marks an output element of a [`Gather`] that reads no input element (it is zero).
+pub const NONE: usize = usize::MAX;
+
+/// A fixed index map between two flat, row-major tensors: output element `i` reads input
+/// element `src[i]` (or is zero where `src[i] == NONE`).
+///
+/// Gathering with it is a linear map whose adjoint is scatter-adding with it, and vice
+/// versa, so slicing, padding, index selection, max-pool and max over an axis are all one
+/// differentiable-to-any-order pair of primitives.
+#[derive(Debug)]
+pub struct Gather {
+    /// For each output element, the flat input element it reads.
+    pub src: Vec<usize>,
+    /// The input shape.
+    pub in_shape: Vec<usize>,
+    /// The output shape.
+    pub out_shape: Vec<usize>,
+}
+
+/// Geometry of a 2-D convolution (NCHW input, OIHW weight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch size.
+    pub n: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Input height and width.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub o: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both directions).
+    pub stride: usize,
+    /// Zero padding (both directions).
+    pub pad: usize,
+}
+
+impl ConvGeom {
+    /// Output height.
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.pad - self.kh) / self.stride + 1
+    }
+    /// Output width.
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.pad - self.kw) / self.stride + 1
+    }
+}
+
+/// A recorded operation: what produced a node, and from which nodes.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A parameter or constant placed on the tape by the user.
+    Leaf,
+    /// `a + b`, numpy broadcasting.
+    Add(Var, Var),
+    /// `a - b`, numpy broadcasting.
+    Sub(Var, Var),
+    /// `a * b`, numpy broadcasting.
+    Mul(Var, Var),
+    /// `a / b`, numpy broadcasting.
+    Div(Var, Var),
+    /// `-a`.
+    Neg(Var),
+    /// `a + c` for a scalar `c`.
+    AddScalar(Var, f64),
+    /// `a * c` for a scalar `c`.
+    MulScalar(Var, f64),
+    /// `a^n` for an integer `n`.
+    Powi(Var, i32),
+    /// `exp(a)`.
+    Exp(Var),
+    /// `ln(a)`.
+    Ln(Var),
+    /// `sqrt(a)`.
+    Sqrt(Var),
+    /// `tanh(a)`.
+    Tanh(Var),
+    /// `1 / (1 + exp(-a))`.
+    Sigmoid(Var),
+    /// `a` where the mask is true, zero elsewhere (same shape). Linear in `a`; the mask
+    /// is a constant, so a ReLU's second derivative is zero.
+    Mask(Var, Arc<Vec<bool>>),
+    /// Sum over broadcast dimensions down to the target shape (the adjoint of
+    /// [`Op::BroadcastTo`]).
+    SumTo(Var, Vec<usize>),
+    /// Broadcast to a larger shape (the adjoint of [`Op::SumTo`]).
+    BroadcastTo(Var, Vec<usize>),
+    /// Same elements, new shape.
+    Reshape(Var, Vec<usize>),
+    /// Axes reordered: output axis `i` is input axis `perm[i]`.
+    Permute(Var, Vec<usize>),
+    /// Concatenation along an axis.
+    Concat(Vec<Var>, usize),
+    /// `out[i] = a[src[i]]`.
+    Gather(Var, Arc<Gather>),
+    /// `out[src[i]] += a[i]` into zeros of the gather's input shape.
+    ScatterAdd(Var, Arc<Gather>),
+    /// `op(a) @ op(b)` for 2-D or batched 3-D operands; the flags transpose the last two
+    /// axes of an operand.
+    MatMul {
+        /// Left operand.
+        a: Var,
+        /// Right operand.
+        b: Var,
+        /// Transpose `a`.
+        ta: bool,
+        /// Transpose `b`.
+        tb: bool,
+    },
+    /// 2-D convolution `conv(x, w)`, NCHW.
+    Conv2d(Var, Var, ConvGeom),
+    /// The convolution's adjoint in its input, `conv_input_grad(g, w)`: the transposed
+    /// convolution of `g` with `w`, of the input's shape.
+    Conv2dInputGrad(Var, Var, ConvGeom),
+    /// The convolution's adjoint in its weight, `conv_weight_grad(x, g)`, of the
+    /// weight's shape.
+    Conv2dWeightGrad(Var, Var, ConvGeom),
+    /// Log-softmax along the last axis.
+    LogSoftmax(Var),
+}
+
+impl Op {
+    /// The op's name, used in panic messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Leaf => "leaf",
+            Op::Add(..) => "add",
+            Op::Sub(..) => "sub",
+            Op::Mul(..) => "mul",
+            Op::Div(..) => "div",
+            Op::Neg(..) => "neg",
+            Op::AddScalar(..) => "add_scalar",
+            Op::MulScalar(..) => "mul_scalar",
+            Op::Powi(..) => "powi",
+            Op::Exp(..) => "exp",
+            Op::Ln(..) => "ln",
+            Op::Sqrt(..) => "sqrt",
+            Op::Tanh(..) => "tanh",
+            Op::Sigmoid(..) => "sigmoid",
+            Op::Mask(..) => "mask",
+            Op::SumTo(..) => "sum_to",
+            Op::BroadcastTo(..) => "broadcast_to",
+            Op::Reshape(..) => "reshape",
+            Op::Permute(..) => "permute",
+            Op::Concat(..) => "concat",
+            Op::Gather(..) => "gather",
+            Op::ScatterAdd(..) => "scatter_add",
+            Op::MatMul { .. } => "matmul",
+            Op::Conv2d(..) => "conv2d",
+            Op::Conv2dInputGrad(..) => "conv2d_input_grad",
+            Op::Conv2dWeightGrad(..) => "conv2d_weight_grad",
+            Op::LogSoftmax(..) => "log_softmax",
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Backward rules, one per [`Op`], side by side.
+//!
+//! Each rule maps the upstream gradient `g` of an op's output `y` to the gradients of the
+//! op's inputs, using only the tape's own ops. Differentiating a rule's result again
+//! therefore uses the rules of those ops: second and higher order gradients need nothing
+//! more. The `match` is exhaustive: a new [`Op`] variant without a rule does not compile.
+
+use super::{Op, Tape, Var};
+use crate::Float;
+
+/// Appends `(input, gradient)` pairs for the inputs of `op` that `need` selects.
+pub(super) fn vjp<F: Float>(
+    t: &mut Tape<F>,
+    op: &Op,
+    y: Var,
+    g: Var,
+    need: &dyn Fn(Var) -> bool,
+    out: &mut Vec<(Var, Var)>,
+) {
+    // `put!(input, |t| gradient)`: computes the gradient only for inputs that need one.
+    macro_rules! put {
+        ($v:expr, &mut |$t:ident| $body:expr) => {{
+            let v: Var = $v;
+            if need(v) {
+                let $t: &mut Tape<F> = &mut *t;
+                let gv = $body;
+                out.push((v, gv));
+            }
+        }};
+        ($v:expr, &mut |_| $body:expr) => {{
+            let v: Var = $v;
+            if need(v) {
+                out.push((v, $body));
+            }
+        }};
+    }
+    match op {
+        Op::Leaf => {}
+        Op::Add(a, b) => {
+            put!(*a, &mut |t| sum_like(t, g, *a));
+            put!(*b, &mut |t| sum_like(t, g, *b));
+        }
+        Op::Sub(a, b) => {
+            put!(*a, &mut |t| sum_like(t, g, *a));
+            put!(*b, &mut |t| {
+                let n = t.neg(g);
+                sum_like(t, n, *b)
+            });
+        }
+        Op::Mul(a, b) => {
+            put!(*a, &mut |t| {
+                let p = t.mul(g, *b);
+                sum_like(t, p, *a)
+            });
+            put!(*b, &mut |t| {
+                let p = t.mul(g, *a);
+                sum_like(t, p, *b)
+            });
+        }
+        Op::Div(a, b) => {
+            // y = a / b: dy/da = 1 / b, dy/db = -y / b.
+            put!(*a, &mut |t| {
+                let q = t.div(g, *b);
+                sum_like(t, q, *a)
+            });
+            put!(*b, &mut |t| {
+                let gy = t.mul(g, y);
+                let q = t.div(gy, *b);
+                let n = t.neg(q);
+                sum_like(t, n, *b)
+            });
+        }
+        Op::Neg(a) => put!(*a, &mut |t| t.neg(g)),
+        Op::AddScalar(a, _) => put!(*a, &mut |_| g),
+        Op::MulScalar(a, c) => put!(*a, &mut |t| t.mul_scalar(g, *c)),
+        Op::Powi(a, n) => put!(*a, &mut |t| match *n {
+            0 => {
+                let s = t.shape(*a).to_vec();
+                t.zeros(&s) // d(a⁰)/da is exactly zero, not a missing rule
+            }
+            1 => g,
+            n => {
+                let p = t.powi(*a, n - 1);
+                let p = t.mul_scalar(p, n as f64);
+                t.mul(g, p)
+            }
+        }),
+        Op::Exp(a) => put!(*a, &mut |t| t.mul(g, y)),
+        Op::Ln(a) => put!(*a, &mut |t| t.div(g, *a)),
+        Op::Sqrt(a) => put!(*a, &mut |t| {
+            let q = t.div(g, y);
+            t.mul_scalar(q, 0.5)
+        }),
+        Op::Tanh(a) => put!(*a, &mut |t| {
+            // dy/da = 1 - y²
+            let y2 = t.square(y);
+            let d = t.neg(y2);
+            let d = t.add_scalar(d, 1.0);
+            t.mul(g, d)
+        }),
+        Op::Sigmoid(a) => put!(*a, &mut |t| {
+            // dy/da = y (1 - y)
+            let ny = t.neg(y);
+            let one_minus = t.add_scalar(ny, 1.0);
+            let d = t.mul(y, one_minus);
+            t.mul(g, d)
+        }),
+        Op::Mask(a, m) => put!(*a, &mut |t| t.mask_shared(g, m.clone())),
+        Op::SumTo(a, _) => put!(*a, &mut |t| broadcast_like(t, g, *a)),
+        Op::BroadcastTo(a, _) => put!(*a, &mut |t| sum_like(t, g, *a)),
+        Op::Reshape(a, _) => put!(*a, &mut |t| reshape_like(t, g, *a)),
+        Op::Permute(a, perm) => put!(*a, &mut |t| {
+            let mut inv = vec![0; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inv[p] = i;
+            }
+            t.permute(g, &inv)
+        }),
+        Op::Concat(vs, axis) => {
+            let mut offset = 0;
+            for v in vs {
+                let len = t.shape(*v)[*axis];
+                put!(*v, &mut |t| t.slice_axis(g, *axis, offset, offset + len));
+                offset += len;
+            }
+        }
+        Op::Gather(a, idx) => put!(*a, &mut |t| t.scatter_add(g, idx.clone())),
+        Op::ScatterAdd(a, idx) => put!(*a, &mut |t| t.gather(g, idx.clone())),
+        Op::MatMul { a, b, ta, tb } => {
+            // y = op(a) op(b), op = transpose where the flag is set.
+            let (a, b, ta, tb) = (*a, *b, *ta, *tb);
+            put!(a, &mut |t| {
+                if ta {
+                    t.matmul_t(b, g, tb, true)
+                } else {
+                    t.matmul_t(g, b, false, !tb)
+                }
+            });
+            put!(b, &mut |t| {
+                if tb {
+                    t.matmul_t(g, a, true, ta)
+                } else {
+                    t.matmul_t(a, g, !ta, false)
+                }
+            });
+        }
+        // The three convolution ops are one trilinear form <g, conv(x, w)> read three
+        // ways, so each one's adjoints are the other two.
+        Op::Conv2d(x, w, geom) => {
+            put!(*x, &mut |t| t.conv2d_input_grad(g, *w, *geom));
+            put!(*w, &mut |t| t.conv2d_weight_grad(*x, g, *geom));
+        }
+        Op::Conv2dInputGrad(gy, w, geom) => {
+            put!(*gy, &mut |t| t.conv2d_geom(g, *w, *geom));
+            put!(*w, &mut |t| t.conv2d_weight_grad(g, *gy, *geom));
+        }
+        Op::Conv2dWeightGrad(x, gy, geom) => {
+            put!(*x, &mut |t| t.conv2d_input_grad(*gy, g, *geom));
+            put!(*gy, &mut |t| t.conv2d_geom(*x, g, *geom));
+        }
+        Op::LogSoftmax(a) => put!(*a, &mut |t| {
+            // dy/da · g = g - softmax(a) · sum(g) along the last axis, softmax = exp(y).
+            let p = t.exp(y);
+            let s = t.sum_last_keepdim(g);
+            let ps = t.mul(p, s);
+            t.sub(g, ps)
+        }),
+    }
+}
+
+/// `g` summed down to the shape of `like` (undoing broadcasting).
+fn sum_like<F: Float>(t: &mut Tape<F>, g: Var, like: Var) -> Var {
+    let shape = t.shape(like).to_vec();
+    t.sum_to(g, &shape)
+}
+
+/// `g` broadcast up to the shape of `like`.
+fn broadcast_like<F: Float>(t: &mut Tape<F>, g: Var, like: Var) -> Var {
+    let shape = t.shape(like).to_vec();
+    t.broadcast_to(g, &shape)
+}
+
+/// `g` reshaped to the shape of `like`.
+fn reshape_like<F: Float>(t: &mut Tape<F>, g: Var, like: Var) -> Var {
+    let shape = t.shape(like).to_vec();
+    t.reshape(g, &shape)
+}

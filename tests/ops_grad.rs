@@ -1,0 +1,573 @@
+//! Every tape op passes first- and second-order checks in f64 against central
+//! differences, plus closed forms and the structural properties of gradients.
+
+// Inputs are written `&[x.clone()]` for uniformity with multi-input checks.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
+use metagrad::check::{gradcheck, gradgradcheck, hvp, max_abs_diff};
+use metagrad::{Tape, Var};
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Random input in [-2, 2] with every element at least 0.1 away from zero (ReLU kinks).
+fn rnd(shape: &[usize], seed: u64) -> ArrayD<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        let v: f64 = rng.gen_range(0.1..2.0);
+        if rng.gen_bool(0.5) {
+            v
+        } else {
+            -v
+        }
+    })
+}
+
+/// Random positive input in [0.5, 2].
+fn pos(shape: &[usize], seed: u64) -> ArrayD<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.gen_range(0.5..2.0))
+}
+
+/// gradcheck and gradgradcheck of `f`, and gradgradcheck of `f²` so that linear ops
+/// get a non-zero second derivative that runs through their backward rule's backward.
+fn check<Fun>(name: &str, f: Fun, inputs: &[ArrayD<f64>])
+where
+    Fun: Fn(&mut Tape<f64>, &[Var]) -> Var + Copy,
+{
+    let r = gradcheck(f, inputs);
+    assert!(r.passed(), "{name}: gradcheck {r}");
+    let r = gradgradcheck(f, inputs);
+    assert!(r.passed(), "{name}: gradgradcheck {r}");
+    let sq = move |t: &mut Tape<f64>, v: &[Var]| {
+        let y = f(t, v);
+        t.mul(y, y)
+    };
+    let r = gradgradcheck(sq, inputs);
+    assert!(r.passed(), "{name}: gradgradcheck of its square {r}");
+}
+
+#[test]
+fn elementwise_binary_with_broadcasting() {
+    let cases: [(&[usize], &[usize]); 4] = [
+        (&[3, 4], &[3, 4]),
+        (&[3, 4], &[4]),
+        (&[2, 1, 3], &[4, 1]),
+        (&[], &[2, 3]),
+    ];
+    for (k, (sa, sb)) in cases.iter().enumerate() {
+        let (a, b) = (rnd(sa, k as u64), rnd(sb, 100 + k as u64));
+        check("add", |t, v| t.add(v[0], v[1]), &[a.clone(), b.clone()]);
+        check("sub", |t, v| t.sub(v[0], v[1]), &[a.clone(), b.clone()]);
+        check("mul", |t, v| t.mul(v[0], v[1]), &[a.clone(), b.clone()]);
+        check("div", |t, v| t.div(v[0], v[1]), &[a.clone(), b.clone()]);
+    }
+}
+
+#[test]
+fn elementwise_unary() {
+    let x = rnd(&[3, 5], 1);
+    let p = pos(&[3, 5], 2);
+    check("neg", |t, v| t.neg(v[0]), &[x.clone()]);
+    check("add_scalar", |t, v| t.add_scalar(v[0], 1.5), &[x.clone()]);
+    check("mul_scalar", |t, v| t.mul_scalar(v[0], -0.7), &[x.clone()]);
+    check("powi 3", |t, v| t.powi(v[0], 3), &[x.clone()]);
+    check("powi -2", |t, v| t.powi(v[0], -2), &[x.clone()]);
+    check("powi 0", |t, v| t.powi(v[0], 0), &[x.clone()]);
+    check("square", |t, v| t.square(v[0]), &[x.clone()]);
+    check("exp", |t, v| t.exp(v[0]), &[x.clone()]);
+    check("ln", |t, v| t.ln(v[0]), &[p.clone()]);
+    check("sqrt", |t, v| t.sqrt(v[0]), &[p.clone()]);
+    check("tanh", |t, v| t.tanh(v[0]), &[x.clone()]);
+    check("sigmoid", |t, v| t.sigmoid(v[0]), &[x.clone()]);
+    check("relu", |t, v| t.relu(v[0]), &[x.clone()]);
+    let m: Vec<bool> = (0..15).map(|i| i % 3 != 0).collect();
+    let m = &m;
+    check("mask", move |t, v| t.mask(v[0], m.clone()), &[x.clone()]);
+    check(
+        "maximum",
+        |t, v| t.maximum(v[0], v[1]),
+        &[x.clone(), rnd(&[3, 5], 3)],
+    );
+    let c: Vec<bool> = (0..15).map(|i| i % 2 == 0).collect();
+    let c = &c;
+    check(
+        "where",
+        move |t, v| t.where_(c, v[0], v[1]),
+        &[x, rnd(&[3, 5], 4)],
+    );
+}
+
+#[test]
+fn reductions() {
+    let x = rnd(&[2, 3, 4], 5);
+    check("sum", |t, v| t.sum(v[0]), &[x.clone()]);
+    check("mean", |t, v| t.mean(v[0]), &[x.clone()]);
+    check(
+        "sum_axes keepdim",
+        |t, v| t.sum_axes(v[0], &[0, 2], true),
+        &[x.clone()],
+    );
+    check(
+        "sum_axes",
+        |t, v| t.sum_axes(v[0], &[1], false),
+        &[x.clone()],
+    );
+    check(
+        "mean_axes",
+        |t, v| t.mean_axes(v[0], &[2], false),
+        &[x.clone()],
+    );
+    check("sum_to", |t, v| t.sum_to(v[0], &[3, 1]), &[x.clone()]);
+    check(
+        "broadcast_to",
+        |t, v| t.broadcast_to(v[0], &[2, 3, 4]),
+        &[rnd(&[3, 1], 6)],
+    );
+    check("max_axis", |t, v| t.max_axis(v[0], 1, false), &[x.clone()]);
+    check("max_axis keepdim", |t, v| t.max_axis(v[0], 2, true), &[x]);
+}
+
+#[test]
+fn shape_ops() {
+    let x = rnd(&[2, 3, 4], 7);
+    check("reshape", |t, v| t.reshape(v[0], &[6, 4]), &[x.clone()]);
+    check("permute", |t, v| t.permute(v[0], &[2, 0, 1]), &[x.clone()]);
+    check("transpose", |t, v| t.transpose(v[0]), &[x.clone()]);
+    check(
+        "slice_axis",
+        |t, v| t.slice_axis(v[0], 2, 1, 3),
+        &[x.clone()],
+    );
+    check(
+        "index_select",
+        |t, v| t.index_select(v[0], 1, &[2, 0, 2]),
+        &[x.clone()],
+    );
+    check(
+        "concat",
+        |t, v| t.concat(&[v[0], v[1]], 1),
+        &[x.clone(), rnd(&[2, 2, 4], 8)],
+    );
+    check(
+        "stack",
+        |t, v| t.stack(&[v[0], v[1]], 1),
+        &[x.clone(), rnd(&[2, 3, 4], 9)],
+    );
+    // scatter_add as the adjoint of a row gather with repeats.
+    check(
+        "scatter_add",
+        |t, v| {
+            let shape = t.shape(v[0]).to_vec();
+            let map =
+                std::sync::Arc::new(metagrad::tape::op::Gather::select(&[5, 4], 0, &[1, 1, 3]));
+            assert_eq!(shape, vec![3, 4]);
+            t.scatter_add(v[0], map)
+        },
+        &[rnd(&[3, 4], 10)],
+    );
+}
+
+#[test]
+fn matmul_plain_transposed_and_batched() {
+    check(
+        "matmul",
+        |t, v| t.matmul(v[0], v[1]),
+        &[rnd(&[3, 4], 11), rnd(&[4, 2], 12)],
+    );
+    check(
+        "matmul ta",
+        |t, v| t.matmul_t(v[0], v[1], true, false),
+        &[rnd(&[4, 3], 13), rnd(&[4, 2], 14)],
+    );
+    check(
+        "matmul tb",
+        |t, v| t.matmul_t(v[0], v[1], false, true),
+        &[rnd(&[3, 4], 15), rnd(&[2, 4], 16)],
+    );
+    check(
+        "matmul ta tb",
+        |t, v| t.matmul_t(v[0], v[1], true, true),
+        &[rnd(&[4, 3], 17), rnd(&[2, 4], 18)],
+    );
+    check(
+        "batched matmul",
+        |t, v| t.matmul(v[0], v[1]),
+        &[rnd(&[2, 3, 4], 19), rnd(&[2, 4, 2], 20)],
+    );
+    check(
+        "batched matmul ta tb",
+        |t, v| t.matmul_t(v[0], v[1], true, true),
+        &[rnd(&[2, 4, 3], 21), rnd(&[2, 2, 4], 22)],
+    );
+}
+
+#[test]
+fn convolution_forward_and_its_adjoints() {
+    for &(stride, pad, h, k) in &[(1, 1, 5, 3), (2, 0, 6, 3), (2, 1, 5, 3), (1, 0, 4, 2)] {
+        let x = rnd(&[2, 2, h, h], 30 + h as u64);
+        let w = rnd(&[3, 2, k, k], 40 + k as u64);
+        check(
+            "conv2d",
+            move |t, v| t.conv2d(v[0], v[1], stride, pad),
+            &[x.clone(), w.clone()],
+        );
+        // The adjoints on their own, as ops of two inputs.
+        let mut t = Tape::<f64>::new();
+        let (xv, wv) = (t.param(x.clone()), t.param(w.clone()));
+        let y = t.conv2d(xv, wv, stride, pad);
+        let gy = rnd(t.shape(y), 50);
+        let geom = match t.op(y) {
+            metagrad::tape::Op::Conv2d(_, _, g) => *g,
+            op => panic!("unexpected op {op:?}"),
+        };
+        check(
+            "conv2d_input_grad",
+            move |t, v| t.conv2d_input_grad(v[0], v[1], geom),
+            &[gy.clone(), w.clone()],
+        );
+        check(
+            "conv2d_weight_grad",
+            move |t, v| t.conv2d_weight_grad(v[0], v[1], geom),
+            &[x.clone(), gy.clone()],
+        );
+    }
+}
+
+#[test]
+fn pooling() {
+    let x = rnd(&[2, 2, 7, 7], 60);
+    check(
+        "max_pool2d 7->3",
+        |t, v| t.max_pool2d(v[0], 2, 2),
+        &[x.clone()],
+    );
+    check(
+        "max_pool2d 3x3 stride 1",
+        |t, v| t.max_pool2d(v[0], 3, 1),
+        &[rnd(&[1, 2, 5, 5], 61)],
+    );
+    check("avg_pool2d", |t, v| t.avg_pool2d(v[0], 2, 2), &[x.clone()]);
+    check("global_avg_pool", |t, v| t.global_avg_pool(v[0]), &[x]);
+}
+
+#[test]
+fn losses() {
+    let logits = rnd(&[4, 5], 70);
+    let target = rnd(&[4, 5], 71);
+    check("log_softmax", |t, v| t.log_softmax(v[0]), &[logits.clone()]);
+    check("softmax", |t, v| t.softmax(v[0]), &[logits.clone()]);
+    check("mse", |t, v| t.mse(v[0], v[1]), &[logits.clone(), target]);
+    // Dense labels that are probability rows, differentiated in both arguments.
+    let soft = {
+        let mut t = Tape::<f64>::new();
+        let s = t.constant(rnd(&[4, 5], 72));
+        let p = t.softmax(s);
+        t.value(p).clone()
+    };
+    check(
+        "cross_entropy",
+        |t, v| t.cross_entropy(v[0], v[1]),
+        &[logits.clone(), soft],
+    );
+    check(
+        "sparse_cross_entropy",
+        |t, v| t.sparse_cross_entropy(v[0], &[0, 4, 2, 4]),
+        &[logits],
+    );
+}
+
+#[test]
+fn closed_form_second_derivative_of_cube() {
+    let mut t = Tape::<f64>::new();
+    let x = t.param(ndarray::arr1(&[-1.5, 0.5, 2.0]).into_dyn());
+    let y = t.powi(x, 3);
+    let s = t.sum(y);
+    let g = t.grad(s, &[x], true)[0];
+    let gs = t.sum(g);
+    let h = t.grad(gs, &[x], false)[0];
+    for (i, &xi) in [-1.5f64, 0.5, 2.0].iter().enumerate() {
+        assert_eq!(t.value(g)[[i]], 3.0 * xi * xi);
+        assert!((t.value(h)[[i]] - 6.0 * xi).abs() < 1e-12);
+    }
+}
+
+fn one_hot(labels: &[usize], k: usize) -> ArrayD<f64> {
+    let mut y = ArrayD::zeros(IxDyn(&[labels.len(), k]));
+    for (i, &l) in labels.iter().enumerate() {
+        y[[i, l]] = 1.0;
+    }
+    y
+}
+
+#[test]
+fn cross_entropy_hessian_is_diag_p_minus_ppt() {
+    let logits = rnd(&[3, 4], 80);
+    let labels = [1usize, 3, 0];
+    let n = 3.0;
+    // Softmax probabilities.
+    let p = {
+        let mut t = Tape::<f64>::new();
+        let l = t.constant(logits.clone());
+        let s = t.softmax(l);
+        t.value(s).clone()
+    };
+    for basis in 0..12 {
+        let mut e = ArrayD::zeros(IxDyn(&[3, 4]));
+        e.as_slice_mut().unwrap()[basis] = 1.0;
+        let (row, col) = (basis / 4, basis % 4);
+        for sparse in [false, true] {
+            let hv = hvp(
+                |t, v| {
+                    if sparse {
+                        t.sparse_cross_entropy(v[0], &labels)
+                    } else {
+                        let y = t.constant(one_hot(&labels, 4));
+                        t.cross_entropy(v[0], y)
+                    }
+                },
+                &[logits.clone()],
+                &[e.clone()],
+            );
+            for i in 0..3 {
+                for j in 0..4 {
+                    let expect = if i == row {
+                        let d = if j == col { p[[i, j]] } else { 0.0 };
+                        (d - p[[i, j]] * p[[i, col]]) / n
+                    } else {
+                        0.0
+                    };
+                    assert!(
+                        (hv[0][[i, j]] - expect).abs() < 1e-12,
+                        "sparse={sparse} H[{i},{j};{row},{col}] = {} expected {expect}",
+                        hv[0][[i, j]]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_and_sparse_cross_entropy_agree_on_one_hot_labels() {
+    let logits = rnd(&[6, 5], 90);
+    let labels = [4usize, 0, 2, 2, 1, 3];
+    let dir = rnd(&[6, 5], 91);
+    let run = |sparse: bool| {
+        let f = |t: &mut Tape<f64>, v: &[Var]| {
+            if sparse {
+                t.sparse_cross_entropy(v[0], &labels)
+            } else {
+                let y = t.constant(one_hot(&labels, 5));
+                t.cross_entropy(v[0], y)
+            }
+        };
+        let mut t = Tape::new();
+        let x = t.param(logits.clone());
+        let l = f(&mut t, &[x]);
+        let g = t.grad(l, &[x], false)[0];
+        let hv = hvp(f, &[logits.clone()], &[dir.clone()]);
+        (t.item(l), t.value(g).clone(), hv[0].clone())
+    };
+    let (ld, gd, hd) = run(false);
+    let (ls, gs, hs) = run(true);
+    assert!((ld - ls).abs() < 1e-12, "values {ld} vs {ls}");
+    assert!(max_abs_diff(&gd, &gs) < 1e-12);
+    assert!(max_abs_diff(&hd, &hs) < 1e-12);
+    assert!(
+        hd.iter().any(|&v| v.abs() > 1e-3),
+        "the Hessian-vector product is not zero"
+    );
+}
+
+#[test]
+fn huge_logits_stay_finite() {
+    let mut t = Tape::<f32>::new();
+    let x = t.param(ndarray::arr2(&[[1e4f32, 0.0, -1e4], [5e3, 1e4, 1e4]]).into_dyn());
+    let l = t.sparse_cross_entropy(x, &[2, 0]);
+    let g = t.grad(l, &[x], true)[0];
+    let gs = t.square(g);
+    let gs = t.sum(gs);
+    let h = t.grad(gs, &[x], false)[0];
+    assert!(t.item(l).is_finite() && t.item(l) > 1e4);
+    assert!(t.value(g).iter().all(|v| v.is_finite()));
+    assert!(t.value(h).iter().all(|v| v.is_finite()));
+}
+
+fn mlp_loss(t: &mut Tape<f64>, v: &[Var], x: &ArrayD<f64>, y: &ArrayD<f64>) -> Var {
+    let x = t.constant(x.clone());
+    let y = t.constant(y.clone());
+    let h = t.matmul_t(x, v[0], false, true);
+    let h = t.add(h, v[1]);
+    let h = t.tanh(h);
+    let o = t.matmul_t(h, v[2], false, true);
+    let o = t.add(o, v[3]);
+    t.mse(o, y)
+}
+
+#[test]
+fn mlp_hessian_vector_product_matches_differences_of_the_gradient_and_is_symmetric() {
+    let (x, y) = (rnd(&[8, 3], 100), rnd(&[8, 2], 101));
+    let params = vec![
+        rnd(&[6, 3], 102),
+        rnd(&[6], 103),
+        rnd(&[2, 6], 104),
+        rnd(&[2], 105),
+    ];
+    let u: Vec<ArrayD<f64>> = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| rnd(p.shape(), 200 + i as u64))
+        .collect();
+    let v: Vec<ArrayD<f64>> = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| rnd(p.shape(), 300 + i as u64))
+        .collect();
+    let f = |t: &mut Tape<f64>, vars: &[Var]| mlp_loss(t, vars, &x, &y);
+    let hv = hvp(f, &params, &v);
+    // Central differences of the gradient along v.
+    let grad_at = |ps: &[ArrayD<f64>]| -> Vec<ArrayD<f64>> {
+        let mut t = Tape::new();
+        let vars: Vec<Var> = ps.iter().map(|p| t.param(p.clone())).collect();
+        let l = f(&mut t, &vars);
+        t.grad(l, &vars, false)
+            .iter()
+            .map(|g| t.value(*g).clone())
+            .collect()
+    };
+    let eps = 1e-5;
+    let shift =
+        |s: f64| -> Vec<ArrayD<f64>> { params.iter().zip(&v).map(|(p, d)| p + &(d * s)).collect() };
+    let (gp, gm) = (grad_at(&shift(eps)), grad_at(&shift(-eps)));
+    for i in 0..params.len() {
+        let fd = (&gp[i] - &gm[i]) / (2.0 * eps);
+        assert!(
+            max_abs_diff(&fd, &hv[i]) < 1e-7,
+            "param {i}: {}",
+            max_abs_diff(&fd, &hv[i])
+        );
+    }
+    // uᵀ H v = vᵀ H u.
+    let hu = hvp(f, &params, &u);
+    let dot = |a: &[ArrayD<f64>], b: &[ArrayD<f64>]| -> f64 {
+        a.iter().zip(b).map(|(p, q)| (p * q).sum()).sum()
+    };
+    let (uhv, vhu) = (dot(&u, &hv), dot(&v, &hu));
+    assert!(
+        (uhv - vhu).abs() < 1e-10 * uhv.abs().max(1.0),
+        "{uhv} vs {vhu}"
+    );
+    assert!(uhv.abs() > 1e-6);
+}
+
+#[test]
+fn broadcast_gradients_keep_input_shapes() {
+    let mut t = Tape::<f32>::new();
+    let a = t.param(ArrayD::ones(IxDyn(&[2, 1, 3])));
+    let b = t.param(ArrayD::ones(IxDyn(&[4, 1])));
+    let c = t.param(ArrayD::ones(IxDyn(&[])));
+    let p = t.mul(a, b);
+    let p = t.add(p, c);
+    let m = t.mean_axes(p, &[1], true);
+    let s = t.sum(m);
+    let g = t.grad(s, &[a, b, c], false);
+    assert_eq!(t.shape(g[0]), &[2, 1, 3]);
+    assert_eq!(t.shape(g[1]), &[4, 1]);
+    assert_eq!(t.shape(g[2]), &[] as &[usize]);
+    assert_eq!(t.value(g[2]).sum(), 6.0);
+}
+
+#[test]
+fn backward_without_create_graph_records_nothing() {
+    let mut t = Tape::<f32>::new();
+    let w = t.param(ArrayD::from_elem(IxDyn(&[3, 3]), 0.5));
+    let x = t.constant(ArrayD::from_elem(IxDyn(&[4, 3]), 1.0));
+    let h = t.matmul(x, w);
+    let h = t.tanh(h);
+    let l = t.sum(h);
+    let before = t.len();
+    let g = t.grad(l, &[w], false);
+    assert_eq!(t.len(), before + 1, "only the gradient itself is kept");
+    assert!(!t.requires_grad(g[0]), "the gradient is a constant");
+    let g2 = t.grad(l, &[w], true);
+    assert!(
+        t.len() > before + 2,
+        "create_graph records the backward pass"
+    );
+    assert!(t.requires_grad(g2[0]));
+    assert_eq!(t.value(g[0]), t.value(g2[0]));
+}
+
+#[test]
+fn unconnected_inputs_get_zero_gradients() {
+    let mut t = Tape::<f64>::new();
+    let a = t.param(ArrayD::ones(IxDyn(&[2])));
+    let b = t.param(ArrayD::ones(IxDyn(&[3])));
+    let s = t.sum(a);
+    let g = t.grad(s, &[a, b], false);
+    assert_eq!(t.value(g[1]), &ArrayD::<f64>::zeros(IxDyn(&[3])));
+}
+
+#[test]
+#[should_panic(expected = "metagrad::add: shapes [2, 3] and [4] do not broadcast")]
+fn shape_misuse_names_the_op_and_both_shapes() {
+    let mut t = Tape::<f32>::new();
+    let a = t.constant(ArrayD::zeros(IxDyn(&[2, 3])));
+    let b = t.constant(ArrayD::zeros(IxDyn(&[4])));
+    t.add(a, b);
+}
+
+#[test]
+#[should_panic(expected = "metagrad::matmul: inner dimensions differ: shapes [2, 3] and [4, 5]")]
+fn matmul_misuse_names_both_shapes() {
+    let mut t = Tape::<f32>::new();
+    let a = t.constant(ArrayD::zeros(IxDyn(&[2, 3])));
+    let b = t.constant(ArrayD::zeros(IxDyn(&[4, 5])));
+    t.matmul(a, b);
+}
+
+#[test]
+#[should_panic(expected = "label 7 at row 1 is out of range for 5 classes")]
+fn out_of_range_sparse_label_panics_clearly() {
+    let mut t = Tape::<f32>::new();
+    let a = t.param(ArrayD::zeros(IxDyn(&[2, 5])));
+    t.sparse_cross_entropy(a, &[0, 7]);
+}
+
+#[test]
+fn tape_is_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Tape<f32>>();
+    let h = std::thread::spawn(|| {
+        let mut t = Tape::<f32>::new();
+        let x = t.param(ArrayD::ones(IxDyn(&[2])));
+        let s = t.sum(x);
+        t.item(s)
+    });
+    assert_eq!(h.join().unwrap(), 2.0);
+}
+
+#[test]
+fn the_checks_catch_a_wrong_derivative() {
+    // x · stop_gradient(x) has derivative x on the tape but 2x numerically.
+    let x = rnd(&[4], 400);
+    let r = gradcheck(
+        |t, v| {
+            let d = t.detach(v[0]);
+            t.mul(v[0], d)
+        },
+        &[x.clone()],
+    );
+    assert!(!r.passed(), "gradcheck must fail: {r}");
+    // d/dx of the recorded gradient (which is 2x·w for x²) is right; a detached one is not.
+    let r = gradgradcheck(
+        |t, v| {
+            let d = t.detach(v[0]);
+            let y = t.mul(v[0], d);
+            t.mul(y, v[0])
+        },
+        &[x],
+    );
+    assert!(!r.passed(), "gradgradcheck must fail: {r}");
+}

@@ -4,7 +4,10 @@
 pub mod check;
 pub mod data;
 pub mod error;
+pub mod map_fn;
+pub mod meta;
 mod float;
+pub mod nn;
 pub mod ops;
 pub mod tape;
 

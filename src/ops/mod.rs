@@ -34,6 +34,17 @@ pub(crate) fn from_vec<F: Float>(shape: &[usize], v: Vec<F>) -> ArrayD<F> {
     ArrayD::from_shape_vec(IxDyn(shape), v).expect("metagrad: internal shape mismatch")
 }
 
+/// An array of the given shape from a row-major vector (for building constants).
+///
+/// # Panics
+/// If the vector's length is not the shape's element count.
+#[track_caller]
+pub fn array_from<F: Float>(shape: &[usize], v: Vec<F>) -> ArrayD<F> {
+    let n = v.len();
+    ArrayD::from_shape_vec(IxDyn(shape), v)
+        .unwrap_or_else(|_| panic!("metagrad::array_from: {n} values for shape {shape:?}"))
+}
+
 /// Row-major layout, copying only when needed.
 pub(crate) fn standard<F: Float>(a: ArrayD<F>) -> ArrayD<F> {
     if a.is_standard_layout() {

@@ -1,0 +1,553 @@
+//! MAML and its family on one shared adaptation loop.
+//!
+//! | method | [`InnerRule`] | meta-gradient |
+//! | --- | --- | --- |
+//! | MAML | [`InnerRule::Sgd`] | second order ([`Order::Second`]) or first order |
+//! | Meta-SGD | [`InnerRule::MetaSgd`]: a learned rate per parameter element | as MAML |
+//! | ANIL | [`InnerRule::HeadOnly`]: only the head adapts | as MAML |
+//! | MAML++ | [`InnerRule::PerLayerPerStep`] (LSLR), plus [`MetaConfig::multi_step_loss`], [`Order::Annealed`], per-step batch norm ([`NormKind::Batch`](crate::nn::NormKind)) | |
+//! | Reptile | [`InnerRule::Sgd`] via [`MetaLearner::reptile_step`] | `θ − φ` |
+//!
+//! The inner loop ([`adapt`]) is the same for all: take the gradient of the support loss
+//! with respect to the adapted parameters — recorded on the tape for second order, as
+//! constants for first order — and apply the update rule. The meta-batch runs through
+//! [`map_tasks`](crate::map_fn::map_tasks), one tape per task, and the meta-gradient is
+//! reduced in task order, so results do not depend on the number of threads.
+//!
+//! ```
+//! use metagrad::data::SinusoidSampler;
+//! use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Task};
+//! use metagrad::nn::{Mlp, NormMode};
+//! let mut learner = MetaLearner::<f32, _>::new(Mlp::sinusoid(), MetaConfig::maml(1, 0.01), 0);
+//! let mut opt = Optimizer::adam(1e-3);
+//! let batch = SinusoidSampler::new(10, 10, 7).unwrap().sample_batch(4).unwrap();
+//! let tasks = Task::from_sinusoid(&batch);
+//! let stats = learner.meta_step(&tasks, &mut opt).unwrap();
+//! assert!(stats.loss.is_finite());
+//! let (loss, _) = learner.evaluate(&tasks[0], 5, NormMode::Transductive);
+//! assert!(loss.is_finite());
+//! ```
+
+mod optim;
+mod task;
+
+pub use optim::{Optimizer, Rule};
+pub use task::Task;
+
+use crate::map_fn::map_tasks;
+use crate::nn::{Ctx, Model, NormMode, NormState, Observed, Params, Targets};
+use crate::{Float, Result, Tape, Var};
+use ndarray::{ArrayD, IxDyn};
+use serde::{Deserialize, Serialize};
+
+/// How the inner loop updates the adapted parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InnerRule {
+    /// `φ ← φ − α ∇L` for every parameter (MAML, Reptile).
+    Sgd,
+    /// `φ ← φ − α ⊙ ∇L` with a learned rate per parameter element (Meta-SGD).
+    MetaSgd,
+    /// `φ ← φ − α[l, s] ∇L` with a learned rate per parameter tensor and inner step
+    /// (MAML++'s LSLR).
+    PerLayerPerStep,
+    /// `φ ← φ − α ∇L` for the head only; the body is shared (ANIL).
+    HeadOnly,
+}
+
+/// Which meta-gradient to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Order {
+    /// Differentiate through the inner updates (exact MAML).
+    Second,
+    /// Treat the inner gradients as constants (FOMAML): the meta-gradient is the query
+    /// gradient at the adapted parameters.
+    First,
+    /// First order for the first `first_order_steps` meta-steps, then second order
+    /// (MAML++'s derivative-order annealing).
+    Annealed {
+        /// Meta-steps taken at first order.
+        first_order_steps: u64,
+    },
+}
+
+impl Order {
+    /// Whether meta-step `step` uses second order.
+    pub fn second_order_at(self, step: u64) -> bool {
+        match self {
+            Order::Second => true,
+            Order::First => false,
+            Order::Annealed { first_order_steps } => step >= first_order_steps,
+        }
+    }
+}
+
+/// Hyper-parameters of meta-training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetaConfig {
+    /// Inner SGD steps during meta-training.
+    pub inner_steps: usize,
+    /// Inner learning rate α (the initial value where it is learned).
+    pub inner_lr: f64,
+    /// The inner update rule.
+    pub rule: InnerRule,
+    /// First or second order.
+    pub order: Order,
+    /// MAML++ multi-step loss: the meta-loss weighs the query loss after every inner step,
+    /// annealing to the last step only over this many meta-steps.
+    pub multi_step_loss: Option<u64>,
+    /// How batch norms normalise during meta-training (usually [`NormMode::Train`]).
+    pub train_mode: NormMode,
+    /// At most this many tasks run at once.
+    pub parallel_iterations: usize,
+}
+
+impl MetaConfig {
+    /// Second-order MAML with `inner_steps` SGD steps of rate `inner_lr`.
+    pub fn maml(inner_steps: usize, inner_lr: f64) -> Self {
+        MetaConfig {
+            inner_steps,
+            inner_lr,
+            rule: InnerRule::Sgd,
+            order: Order::Second,
+            multi_step_loss: None,
+            train_mode: NormMode::Train,
+            parallel_iterations: usize::MAX,
+        }
+    }
+
+    /// The same with another inner rule.
+    pub fn with_rule(mut self, rule: InnerRule) -> Self {
+        self.rule = rule;
+        self
+    }
+
+    /// The same with another order.
+    pub fn with_order(mut self, order: Order) -> Self {
+        self.order = order;
+        self
+    }
+}
+
+/// What one meta-step measured (before its update).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean query loss after adaptation.
+    pub loss: f64,
+    /// Mean query accuracy after adaptation (classification only).
+    pub accuracy: Option<f64>,
+    /// Whether the meta-gradient was second order.
+    pub second_order: bool,
+}
+
+/// The inner loop shared by every method: `steps` updates of the adapted parameters
+/// `fast` on the support set, by `rule`. Returns the parameters after each step (index 0
+/// is the starting point). With `create_graph` the updates are recorded, so the result can
+/// be differentiated with respect to the starting parameters through the updates (second
+/// order); without it the inner gradients are constants (first order).
+///
+/// `rates` are the learned inner rates for [`InnerRule::MetaSgd`] (one per parameter,
+/// same shape) and [`InnerRule::PerLayerPerStep`] (one per parameter, shape `[steps]`);
+/// empty otherwise. `head` are the parameter indices [`InnerRule::HeadOnly`] adapts.
+#[allow(clippy::too_many_arguments)]
+pub fn adapt<F: Float, M: Model<F> + ?Sized>(
+    t: &mut Tape<F>,
+    model: &M,
+    start: &[Var],
+    rates: &[Var],
+    rule: InnerRule,
+    inner_lr: f64,
+    steps: usize,
+    create_graph: bool,
+    x: Var,
+    y: &Targets<F>,
+    ctx: &mut Ctx<'_, F>,
+) -> Vec<Vec<Var>> {
+    let adapted: Vec<usize> = match rule {
+        InnerRule::HeadOnly => model.head(),
+        _ => (0..start.len()).collect(),
+    };
+    let mut trajectory = vec![start.to_vec()];
+    let mut fast = start.to_vec();
+    for s in 0..steps {
+        ctx.step = s;
+        ctx.record_context = true;
+        let out = model.forward(t, &fast, x, ctx);
+        ctx.record_context = false;
+        let loss = y.loss(t, out);
+        let wrt: Vec<Var> = adapted.iter().map(|&i| fast[i]).collect();
+        let grads = t.grad(loss, &wrt, create_graph);
+        for (&i, &g) in adapted.iter().zip(&grads) {
+            let step = match rule {
+                InnerRule::Sgd | InnerRule::HeadOnly => t.mul_scalar(g, inner_lr),
+                InnerRule::MetaSgd => t.mul(rates[i], g),
+                InnerRule::PerLayerPerStep => {
+                    let r = t.slice_axis(rates[i], 0, s, s + 1);
+                    let r = t.reshape(r, &[]);
+                    t.mul(r, g)
+                }
+            };
+            fast[i] = t.sub(fast[i], step);
+        }
+        trajectory.push(fast.clone());
+    }
+    trajectory
+}
+
+/// Runs the network on `x` with parameters `p` at inner step `step`; for TaskNorm
+/// networks, a pass over the support set `context` first records its statistics.
+#[allow(clippy::too_many_arguments)]
+fn predict<F: Float, M: Model<F> + ?Sized>(
+    t: &mut Tape<F>,
+    model: &M,
+    p: &[Var],
+    x: Var,
+    context: Var,
+    step: usize,
+    ctx: &mut Ctx<'_, F>,
+) -> Var {
+    ctx.step = step;
+    if model.needs_context() {
+        ctx.record_context = true;
+        model.forward(t, p, context, ctx);
+        ctx.record_context = false;
+    }
+    model.forward(t, p, x, ctx)
+}
+
+/// A meta-learner: a network, its meta-parameters (network weights, then any learned
+/// inner rates, named `inner_lr.<param>`), running normalisation statistics, and the
+/// configuration.
+#[derive(Debug, Clone)]
+pub struct MetaLearner<F: Float, M> {
+    /// The network.
+    pub model: M,
+    /// All meta-parameters: the network's first, then the learned inner rates.
+    pub params: Params<F>,
+    /// Running batch-norm statistics.
+    pub norm: NormState<F>,
+    /// Hyper-parameters.
+    pub config: MetaConfig,
+    /// Meta-steps taken.
+    pub step: u64,
+    net_len: usize,
+}
+
+impl<F: Float, M: Model<F>> MetaLearner<F, M> {
+    /// A learner with freshly initialised parameters (seeded) and learned rates
+    /// initialised to `config.inner_lr`.
+    pub fn new(model: M, config: MetaConfig, seed: u64) -> Self {
+        let mut params = model.init(seed);
+        let net_len = params.len();
+        let net: Vec<(String, Vec<usize>)> = params
+            .iter()
+            .map(|(n, p)| (n.to_string(), p.shape().to_vec()))
+            .collect();
+        let lr = F::c(config.inner_lr);
+        for (name, shape) in net {
+            match config.rule {
+                InnerRule::MetaSgd => {
+                    params.push(format!("inner_lr.{name}"), ArrayD::from_elem(shape, lr))
+                }
+                InnerRule::PerLayerPerStep => params.push(
+                    format!("inner_lr.{name}"),
+                    ArrayD::from_elem(IxDyn(&[config.inner_steps.max(1)]), lr),
+                ),
+                InnerRule::Sgd | InnerRule::HeadOnly => {}
+            }
+        }
+        let norm = NormState::new(&model.batch_norm_channels(), model.norm_steps(), 0.1);
+        MetaLearner {
+            model,
+            params,
+            norm,
+            config,
+            step: 0,
+            net_len,
+        }
+    }
+
+    /// Replaces the meta-parameters (e.g. from a checkpoint).
+    ///
+    /// # Errors
+    /// A message naming the first name or shape that differs.
+    pub fn set_params(&mut self, params: Params<F>) -> std::result::Result<(), String> {
+        self.params.check_same_layout(&params)?;
+        self.params = params;
+        Ok(())
+    }
+
+    /// Number of network parameter tensors (the learned rates follow them).
+    pub fn network_len(&self) -> usize {
+        self.net_len
+    }
+
+    /// MAML++ multi-step-loss weights for the query losses after steps 1..=n.
+    fn step_weights(&self) -> Vec<f64> {
+        let n = self.config.inner_steps.max(1);
+        let Some(anneal) = self.config.multi_step_loss else {
+            let mut w = vec![0.0; n];
+            w[n - 1] = 1.0;
+            return w;
+        };
+        let base = 1.0 / n as f64;
+        let decay = base * (self.step as f64 / anneal.max(1) as f64);
+        let min_w = 0.03 / n as f64;
+        let mut w: Vec<f64> = (0..n).map(|_| (base - decay).max(min_w)).collect();
+        let rest: f64 = w[..n - 1].iter().sum();
+        w[n - 1] = 1.0 - rest;
+        w
+    }
+
+    /// One task's meta-loss on `t`: adapt on the support set, evaluate the query set.
+    fn task_loss(
+        &self,
+        t: &mut Tape<F>,
+        theta: &[Var],
+        task: &Task<F>,
+        second_order: bool,
+        ctx: &mut Ctx<'_, F>,
+    ) -> (Var, Var) {
+        let (net, rates) = theta.split_at(self.net_len);
+        let xs = t.constant(task.support_x.clone());
+        let xq = t.constant(task.query_x.clone());
+        let steps = self.config.inner_steps;
+        let traj = adapt(
+            t,
+            &self.model,
+            net,
+            rates,
+            self.config.rule,
+            self.config.inner_lr,
+            steps,
+            second_order,
+            xs,
+            &task.support_y,
+            ctx,
+        );
+        let weights = self.step_weights();
+        let mut total = None;
+        let mut last_out = None;
+        for (s, w) in weights.iter().enumerate() {
+            if *w == 0.0 && s + 1 < weights.len() {
+                continue;
+            }
+            let p = &traj[(s + 1).min(traj.len() - 1)];
+            let out = predict(t, &self.model, p, xq, xs, steps, ctx);
+            let l = task.query_y.loss(t, out);
+            let l = t.mul_scalar(l, *w);
+            total = Some(match total {
+                None => l,
+                Some(acc) => t.add(acc, l),
+            });
+            last_out = Some(out);
+        }
+        (
+            total.expect("at least one weighted step"),
+            last_out.expect("a query pass"),
+        )
+    }
+
+    /// One meta-training step over a meta-batch of tasks: adapt on each support set, take
+    /// the meta-gradient of the mean query loss (second order unless configured
+    /// otherwise), fold in batch-norm statistics in task order, and apply `opt`.
+    ///
+    /// # Errors
+    /// [`Error::Task`](crate::Error::Task) if a task panics (e.g. a shape mismatch in
+    /// its data); nothing is updated then.
+    pub fn meta_step(&mut self, tasks: &[Task<F>], opt: &mut Optimizer<F>) -> Result<StepStats> {
+        let (grads, stats, observed) = self.meta_gradient(tasks)?;
+        self.norm.update(&observed);
+        opt.step(self.params.tensors_mut(), &grads);
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// The meta-gradient of the mean query loss over `tasks` (no update), with the step's
+    /// statistics and the batch-norm statistics observed, in task order.
+    ///
+    /// # Errors
+    /// [`Error::Task`](crate::Error::Task) if a task panics.
+    #[allow(clippy::type_complexity)]
+    pub fn meta_gradient(
+        &self,
+        tasks: &[Task<F>],
+    ) -> Result<(Vec<ArrayD<F>>, StepStats, Vec<Observed<F>>)> {
+        let second_order = self.config.order.second_order_at(self.step);
+        let per_task = map_tasks(tasks.len(), self.config.parallel_iterations, |i| {
+            let task = &tasks[i];
+            let mut t = Tape::new();
+            let theta = self.params.place(&mut t);
+            let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
+            let (loss, out) = self.task_loss(&mut t, &theta, task, second_order, &mut ctx);
+            let acc = task.query_y.accuracy(t.value(out));
+            let value = t.item(loss);
+            let grads = t.grad(loss, &theta, false);
+            let grads: Vec<ArrayD<F>> = grads.into_iter().map(|g| t.take(g)).collect();
+            (grads, value, acc, ctx.observed)
+        })?;
+        let n = tasks.len().max(1) as f64;
+        let mut grads: Vec<ArrayD<F>> = self
+            .params
+            .tensors()
+            .iter()
+            .map(|p| ArrayD::zeros(p.raw_dim()))
+            .collect();
+        let mut loss = 0.0;
+        let mut acc_sum = 0.0;
+        let mut has_acc = false;
+        let mut observed = Vec::new();
+        for (g, l, a, obs) in per_task {
+            for (acc, gi) in grads.iter_mut().zip(&g) {
+                *acc += gi;
+            }
+            loss += l;
+            if let Some(a) = a {
+                acc_sum += a;
+                has_acc = true;
+            }
+            observed.extend(obs);
+        }
+        let inv = F::c(1.0 / n);
+        grads.iter_mut().for_each(|g| g.mapv_inplace(|v| v * inv));
+        let stats = StepStats {
+            loss: loss / n,
+            accuracy: has_acc.then_some(acc_sum / n),
+            second_order,
+        };
+        Ok((grads, stats, observed))
+    }
+
+    /// One Reptile step (Nichol et al., 2018): adapt on each support set with `steps`
+    /// plain SGD steps (first order), then move the initialisation towards the mean
+    /// adapted parameters by giving `opt` the direction `θ − mean(φ)`.
+    ///
+    /// # Errors
+    /// [`Error::Task`](crate::Error::Task) if a task panics.
+    pub fn reptile_step(&mut self, tasks: &[Task<F>], opt: &mut Optimizer<F>) -> Result<StepStats> {
+        let steps = self.config.inner_steps;
+        let per_task = map_tasks(tasks.len(), self.config.parallel_iterations, |i| {
+            let task = &tasks[i];
+            let mut t = Tape::new();
+            let theta = self.params.place(&mut t);
+            let net = &theta[..self.net_len];
+            let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
+            let xs = t.constant(task.support_x.clone());
+            let traj = adapt(
+                &mut t,
+                &self.model,
+                net,
+                &[],
+                InnerRule::Sgd,
+                self.config.inner_lr,
+                steps,
+                false,
+                xs,
+                &task.support_y,
+                &mut ctx,
+            );
+            let last = traj.last().expect("trajectory");
+            let xq = t.constant(task.query_x.clone());
+            let out = predict(&mut t, &self.model, last, xq, xs, steps, &mut ctx);
+            let l = task.query_y.loss(&mut t, out);
+            let acc = task.query_y.accuracy(t.value(out));
+            let phi: Vec<ArrayD<F>> = last.iter().map(|v| t.value(*v).clone()).collect();
+            (phi, t.item(l), acc, ctx.observed)
+        })?;
+        let n = tasks.len().max(1) as f64;
+        let inv = F::c(1.0 / n);
+        let mut dirs: Vec<ArrayD<F>> = self.params.tensors().to_vec();
+        let mut loss = 0.0;
+        let mut accs = Vec::new();
+        let mut observed = Vec::new();
+        for (phi, l, a, obs) in per_task {
+            for (d, p) in dirs.iter_mut().zip(&phi) {
+                d.zip_mut_with(p, |d, &p| *d -= p * inv);
+            }
+            loss += l;
+            accs.extend(a);
+            observed.extend(obs);
+        }
+        self.norm.update(&observed);
+        opt.step(self.params.tensors_mut(), &dirs);
+        self.step += 1;
+        Ok(StepStats {
+            loss: loss / n,
+            accuracy: (!accs.is_empty()).then(|| accs.iter().sum::<f64>() / accs.len() as f64),
+            second_order: false,
+        })
+    }
+
+    /// Adapts to one task's support set with `steps` inner steps (which may differ from
+    /// training) and returns the query loss and accuracy (`None` for regression). `mode`
+    /// is how batch norms normalise; it is required because it changes what is measured
+    /// (see [`NormMode`]). Nothing is updated.
+    pub fn evaluate(&self, task: &Task<F>, steps: usize, mode: NormMode) -> (f64, Option<f64>) {
+        let mut t = Tape::new();
+        let theta = self.params.place(&mut t);
+        let (net, rates) = theta.split_at(self.net_len);
+        let mut ctx = Ctx::new(mode).with_running(&self.norm);
+        let xs = t.constant(task.support_x.clone());
+        // Learned per-step rates cover the training steps; further steps reuse the last.
+        let rule = self.config.rule;
+        let traj = if rule == InnerRule::PerLayerPerStep && steps > self.config.inner_steps {
+            let mut traj = adapt(
+                &mut t,
+                &self.model,
+                net,
+                rates,
+                rule,
+                self.config.inner_lr,
+                self.config.inner_steps,
+                false,
+                xs,
+                &task.support_y,
+                &mut ctx,
+            );
+            let k = self.config.inner_steps.max(1);
+            let last_rates: Vec<Var> = rates
+                .iter()
+                .map(|&r| {
+                    let s = t.slice_axis(r, 0, k - 1, k);
+                    t.reshape(s, &[])
+                })
+                .collect();
+            let start = traj.last().expect("trajectory").clone();
+            let more = adapt(
+                &mut t,
+                &self.model,
+                &start,
+                &last_rates,
+                InnerRule::MetaSgd,
+                self.config.inner_lr,
+                steps - self.config.inner_steps,
+                false,
+                xs,
+                &task.support_y,
+                &mut ctx,
+            );
+            traj.extend(more.into_iter().skip(1));
+            traj
+        } else {
+            adapt(
+                &mut t,
+                &self.model,
+                net,
+                rates,
+                rule,
+                self.config.inner_lr,
+                steps,
+                false,
+                xs,
+                &task.support_y,
+                &mut ctx,
+            )
+        };
+        let last = traj.last().expect("trajectory").clone();
+        let xq = t.constant(task.query_x.clone());
+        t.no_grad(|t| {
+            let out = predict(t, &self.model, &last, xq, xs, steps, &mut ctx);
+            let l = task.query_y.loss(t, out);
+            (t.item(l), task.query_y.accuracy(t.value(out)))
+        })
+    }
+}

@@ -1,0 +1,372 @@
+//! Ready networks: the sinusoid MLP and Conv-4, and the [`Model`] trait they share.
+
+use super::layers::{conv2d, flatten, linear};
+use super::norm::{batch_norm, group_norm, task_norm, Ctx, Observed};
+use super::Params;
+use crate::{Float, Tape, Var};
+use ndarray::{ArrayD, IxDyn};
+use ndarray_rand::rand_distr::{StandardNormal, Uniform};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// A network as a function of explicit parameters.
+pub trait Model<F: Float>: Send + Sync {
+    /// Freshly initialised parameters, seeded.
+    fn init(&self, seed: u64) -> Params<F>;
+    /// The network's output for input `x`, with parameters `p` in [`Model::init`]'s order.
+    fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, ctx: &mut Ctx<'_, F>) -> Var;
+    /// Indices (into the parameters) of the output head, the only part ANIL adapts.
+    fn head(&self) -> Vec<usize>;
+    /// Channel counts of the batch-norm layers, in order (empty without batch norm).
+    fn batch_norm_channels(&self) -> Vec<usize> {
+        Vec::new()
+    }
+    /// Whether batch-norm statistics and affine weights are kept per inner step; the
+    /// number of sets.
+    fn norm_steps(&self) -> usize {
+        1
+    }
+    /// Whether the network normalises with context statistics (TaskNorm): a query pass
+    /// must then follow a pass over the support set with the same parameters.
+    fn needs_context(&self) -> bool {
+        false
+    }
+}
+
+/// Task targets: class indices (softmax cross-entropy) or values (mean-squared error).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets<F> {
+    /// Class indices, one per example.
+    Classes(Vec<usize>),
+    /// Regression targets, shaped like the network's output.
+    Values(ArrayD<F>),
+}
+
+impl<F: Float> Targets<F> {
+    /// The task loss: sparse softmax cross-entropy for classes, MSE for values.
+    #[track_caller]
+    pub fn loss(&self, t: &mut Tape<F>, output: Var) -> Var {
+        match self {
+            Targets::Classes(c) => t.sparse_cross_entropy(output, c),
+            Targets::Values(v) => {
+                let y = t.constant(v.clone());
+                t.mse(output, y)
+            }
+        }
+    }
+
+    /// Fraction of rows whose arg-max equals the class (`None` for regression).
+    pub fn accuracy(&self, output: &ArrayD<F>) -> Option<f64> {
+        let Targets::Classes(c) = self else {
+            return None;
+        };
+        let k = output.shape()[1];
+        let flat = output.as_slice()?;
+        let hits = flat
+            .chunks_exact(k)
+            .zip(c)
+            .filter(|(row, &y)| {
+                let arg = (0..k).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+                arg == y
+            })
+            .count();
+        Some(hits as f64 / c.len().max(1) as f64)
+    }
+}
+
+fn uniform<F: Float>(rng: &mut ChaCha8Rng, shape: &[usize], bound: f64) -> ArrayD<F> {
+    let d = Uniform::new(-bound, bound);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || F::c(rng.sample(d)))
+}
+
+fn normal<F: Float>(rng: &mut ChaCha8Rng, shape: &[usize], std: f64) -> ArrayD<F> {
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        let z: f64 = rng.sample(StandardNormal);
+        F::c(z * std)
+    })
+}
+
+/// A multi-layer perceptron with ReLU between layers; `sizes = [1, 40, 40, 1]` is the
+/// sinusoid network of the MAML paper. Parameters `l{i}.w: [out, in]`, `l{i}.b: [out]`,
+/// initialised uniform in ±1/√in as PyTorch does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mlp {
+    /// Layer widths, input first.
+    pub sizes: Vec<usize>,
+}
+
+impl Mlp {
+    /// The sinusoid network 1-40-40-1.
+    pub fn sinusoid() -> Self {
+        Mlp {
+            sizes: vec![1, 40, 40, 1],
+        }
+    }
+}
+
+impl<F: Float> Model<F> for Mlp {
+    fn init(&self, seed: u64) -> Params<F> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut p = Params::new();
+        for (i, w) in self.sizes.windows(2).enumerate() {
+            let bound = 1.0 / (w[0] as f64).sqrt();
+            p.push(format!("l{i}.w"), uniform(&mut rng, &[w[1], w[0]], bound));
+            p.push(format!("l{i}.b"), uniform(&mut rng, &[w[1]], bound));
+        }
+        p
+    }
+
+    fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, _ctx: &mut Ctx<'_, F>) -> Var {
+        let layers = self.sizes.len() - 1;
+        let mut h = x;
+        for i in 0..layers {
+            h = linear(t, h, p[2 * i], p[2 * i + 1]);
+            if i + 1 < layers {
+                h = t.relu(h);
+            }
+        }
+        h
+    }
+
+    fn head(&self) -> Vec<usize> {
+        let n = 2 * (self.sizes.len() - 1);
+        vec![n - 2, n - 1]
+    }
+}
+
+/// The normalisation in each Conv-4 block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormKind {
+    /// No normalisation.
+    None,
+    /// Batch norm; the mode comes with every forward call. `per_step = Some(k)` keeps
+    /// separate running statistics and affine weights for each of `k` inner steps (MAML++
+    /// BNRS + BNWB; use inner steps + 1 so the query pass has its own set).
+    Batch {
+        /// Number of per-step sets, or `None` for one shared set.
+        per_step: Option<usize>,
+    },
+    /// Group norm with this many groups (mode-independent).
+    Group {
+        /// Number of channel groups.
+        groups: usize,
+    },
+    /// Layer norm: group norm with one group (mode-independent).
+    Layer,
+    /// Instance norm: group norm with one group per channel (mode-independent).
+    Instance,
+    /// TaskNorm-I: support-set statistics blended with instance statistics.
+    TaskNorm,
+}
+
+/// How Conv-4 shrinks its feature maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Downsample {
+    /// Stride-1 convolutions, each block followed by 2×2 max-pooling (28→14→7→3→1).
+    MaxPool,
+    /// Stride-2 convolutions and a global average pool at the end, as in the original
+    /// MAML Omniglot network.
+    Strided,
+}
+
+/// Conv-4: four blocks of 3×3 conv → norm → ReLU (→ 2×2 max-pool), then a linear head of
+/// `ways` outputs. Parameters per block `b{i}.conv.w`, `b{i}.conv.b`, then the norm's
+/// (`b{i}.norm.gamma`, `b{i}.norm.beta`, per step with a `.s{k}` suffix; TaskNorm adds
+/// `b{i}.norm.scale`, `b{i}.norm.offset`); then `head.w: [ways, features]`, `head.b`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conv4 {
+    /// Input channels (1 for Omniglot).
+    pub in_channels: usize,
+    /// Input height and width.
+    pub image_size: usize,
+    /// Filters per convolution (64 in MAML).
+    pub filters: usize,
+    /// Output classes.
+    pub ways: usize,
+    /// Normalisation in each block.
+    pub norm: NormKind,
+    /// Max-pooling or strided convolutions.
+    pub downsample: Downsample,
+    /// Added to variances before the square root.
+    pub eps: f64,
+}
+
+impl Conv4 {
+    /// The MAML Omniglot network for `ways` classes: 28×28 inputs, 64 filters, batch norm
+    /// (one set), max-pooling.
+    pub fn omniglot(ways: usize) -> Self {
+        Conv4 {
+            in_channels: 1,
+            image_size: 28,
+            filters: 64,
+            ways,
+            norm: NormKind::Batch { per_step: None },
+            downsample: Downsample::MaxPool,
+            eps: 1e-5,
+        }
+    }
+
+    fn norm_param_count(&self) -> usize {
+        match self.norm {
+            NormKind::None => 0,
+            NormKind::Batch { per_step } => 2 * per_step.unwrap_or(1),
+            NormKind::Group { .. } | NormKind::Layer | NormKind::Instance => 2,
+            NormKind::TaskNorm => 4,
+        }
+    }
+
+    fn block_params(&self) -> usize {
+        2 + self.norm_param_count()
+    }
+
+    /// The head's input width.
+    pub fn features(&self) -> usize {
+        match self.downsample {
+            Downsample::Strided => self.filters,
+            Downsample::MaxPool => {
+                let mut s = self.image_size;
+                for _ in 0..4 {
+                    s /= 2;
+                }
+                self.filters * s.max(1) * s.max(1)
+            }
+        }
+    }
+}
+
+impl<F: Float> Model<F> for Conv4 {
+    fn init(&self, seed: u64) -> Params<F> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut p = Params::new();
+        let mut cin = self.in_channels;
+        let f = self.filters;
+        let ones = || ArrayD::from_elem(IxDyn(&[f]), F::one());
+        let zeros = || ArrayD::zeros(IxDyn(&[f]));
+        for b in 0..4 {
+            let std = (2.0 / (cin * 9) as f64).sqrt();
+            p.push(format!("b{b}.conv.w"), normal(&mut rng, &[f, cin, 3, 3], std));
+            p.push(format!("b{b}.conv.b"), zeros());
+            match self.norm {
+                NormKind::None => {}
+                NormKind::Batch { per_step: Some(k) } => {
+                    for s in 0..k {
+                        p.push(format!("b{b}.norm.gamma.s{s}"), ones());
+                        p.push(format!("b{b}.norm.beta.s{s}"), zeros());
+                    }
+                }
+                NormKind::Batch { per_step: None }
+                | NormKind::Group { .. }
+                | NormKind::Layer
+                | NormKind::Instance => {
+                    p.push(format!("b{b}.norm.gamma"), ones());
+                    p.push(format!("b{b}.norm.beta"), zeros());
+                }
+                NormKind::TaskNorm => {
+                    p.push(format!("b{b}.norm.gamma"), ones());
+                    p.push(format!("b{b}.norm.beta"), zeros());
+                    p.push(format!("b{b}.norm.scale"), ArrayD::zeros(IxDyn(&[])));
+                    p.push(format!("b{b}.norm.offset"), ArrayD::zeros(IxDyn(&[])));
+                }
+            }
+            cin = f;
+        }
+        let feat = self.features();
+        p.push(
+            "head.w",
+            normal(&mut rng, &[self.ways, feat], (1.0 / feat as f64).sqrt()),
+        );
+        p.push("head.b", ArrayD::zeros(IxDyn(&[self.ways])));
+        p
+    }
+
+    fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, ctx: &mut Ctx<'_, F>) -> Var {
+        let bp = self.block_params();
+        if ctx.context.len() < 4 {
+            ctx.context.resize(4, None);
+        }
+        let stride = match self.downsample {
+            Downsample::MaxPool => 1,
+            Downsample::Strided => 2,
+        };
+        let mut h = x;
+        for b in 0..4 {
+            let q = &p[b * bp..(b + 1) * bp];
+            h = conv2d(t, h, q[0], q[1], stride, 1);
+            h = match self.norm {
+                NormKind::None => h,
+                NormKind::Batch { per_step } => {
+                    let s = per_step.map_or(0, |k| ctx.step.min(k - 1));
+                    let (g, be) = (q[2 + 2 * s], q[3 + 2 * s]);
+                    let running = ctx.running.map(|r| r.get(b, s));
+                    let (y, obs) = batch_norm(t, h, g, be, ctx.mode, running, self.eps);
+                    if let Some((mean, var)) = obs {
+                        ctx.observed.push(Observed {
+                            layer: b,
+                            step: s,
+                            mean,
+                            var,
+                        });
+                    }
+                    y
+                }
+                NormKind::Group { groups } => group_norm(t, h, q[2], q[3], groups, self.eps),
+                NormKind::Layer => group_norm(t, h, q[2], q[3], 1, self.eps),
+                NormKind::Instance => {
+                    group_norm(t, h, q[2], q[3], self.filters, self.eps)
+                }
+                NormKind::TaskNorm => {
+                    let context = if ctx.record_context {
+                        None
+                    } else {
+                        Some(ctx.context[b].unwrap_or_else(|| {
+                            panic!(
+                                "metagrad::Conv4: TaskNorm needs a pass over the support set \
+                                 (Ctx::record_context) before other passes"
+                            )
+                        }))
+                    };
+                    let (y, used) = task_norm(t, h, q[2], q[3], q[4], q[5], context, self.eps);
+                    if ctx.record_context {
+                        ctx.context[b] = Some(used);
+                    }
+                    y
+                }
+            };
+            h = t.relu(h);
+            if self.downsample == Downsample::MaxPool {
+                h = t.max_pool2d(h, 2, 2);
+            }
+        }
+        let h = match self.downsample {
+            Downsample::MaxPool => flatten(t, h),
+            Downsample::Strided => t.global_avg_pool(h),
+        };
+        let n = p.len();
+        linear(t, h, p[n - 2], p[n - 1])
+    }
+
+    fn head(&self) -> Vec<usize> {
+        let n = 4 * self.block_params() + 2;
+        vec![n - 2, n - 1]
+    }
+
+    fn batch_norm_channels(&self) -> Vec<usize> {
+        match self.norm {
+            NormKind::Batch { .. } => vec![self.filters; 4],
+            _ => Vec::new(),
+        }
+    }
+
+    fn norm_steps(&self) -> usize {
+        match self.norm {
+            NormKind::Batch { per_step: Some(k) } => k,
+            _ => 1,
+        }
+    }
+
+    fn needs_context(&self) -> bool {
+        self.norm == NormKind::TaskNorm
+    }
+}
+

@@ -1,0 +1,360 @@
+//! Normalisation layers, with the training-versus-transductive choice made explicit.
+//!
+//! In few-shot learning, normalising a query set with its own batch statistics is
+//! *transductive*: the prediction for one query example then depends on the other query
+//! examples, which typically inflates accuracy by a few points. So every batch-norm call
+//! takes a [`NormMode`] and there is no default:
+//!
+//! | mode | statistics used | running statistics |
+//! | --- | --- | --- |
+//! | [`NormMode::Train`] | the batch's own | updated (by the caller, from [`Observed`]) |
+//! | [`NormMode::Transductive`] | the batch's own | untouched |
+//! | [`NormMode::Inductive`] | the running ones only | untouched |
+//!
+//! Group norm, layer norm and instance norm normalise each example on its own and keep no
+//! running statistics: **they give the same output in every mode**, and are never
+//! transductive. TaskNorm-I ([`task_norm`]) normalises with a learned blend of the support
+//! set's statistics and each example's own, so evaluation is non-transductive without the
+//! collapse running statistics suffer under MAML.
+
+use crate::{Float, Tape, Var};
+use serde::{Deserialize, Serialize};
+
+/// Which statistics a batch norm uses (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormMode {
+    /// Batch statistics; the batch's statistics are reported so that running statistics
+    /// can be updated.
+    Train,
+    /// Batch statistics of the batch at hand, nothing updated. Transductive when the
+    /// batch is a query set.
+    Transductive,
+    /// Running statistics only; the batch's own statistics are never used.
+    Inductive,
+}
+
+impl std::fmt::Display for NormMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NormMode::Train => "train",
+            NormMode::Transductive => "transductive",
+            NormMode::Inductive => "inductive",
+        })
+    }
+}
+
+/// Running mean and variance of one batch-norm layer (at one inner step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "F: Float")]
+pub struct RunningStats<F> {
+    /// Per-channel mean.
+    pub mean: Vec<F>,
+    /// Per-channel (unbiased) variance.
+    pub var: Vec<F>,
+    /// How many batches have been folded in.
+    pub updates: u64,
+}
+
+/// Batch statistics seen by a batch norm in [`NormMode::Train`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed<F> {
+    /// Which norm layer.
+    pub layer: usize,
+    /// Which inner step (0 unless statistics are kept per step).
+    pub step: usize,
+    /// Per-channel batch mean.
+    pub mean: Vec<F>,
+    /// Per-channel unbiased batch variance.
+    pub var: Vec<F>,
+}
+
+/// The running statistics of every batch-norm layer of a network, per inner step when
+/// kept per step (MAML++).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "F: Float")]
+pub struct NormState<F> {
+    /// Weight of a new batch in the running average.
+    pub momentum: f64,
+    /// `stats[layer][step]`.
+    pub stats: Vec<Vec<RunningStats<F>>>,
+}
+
+impl<F: Float> NormState<F> {
+    /// Fresh statistics (mean 0, variance 1, no updates) for layers of the given channel
+    /// counts, with `steps` sets each.
+    pub fn new(channels: &[usize], steps: usize, momentum: f64) -> Self {
+        let stats = channels
+            .iter()
+            .map(|&c| {
+                (0..steps.max(1))
+                    .map(|_| RunningStats {
+                        mean: vec![F::zero(); c],
+                        var: vec![F::one(); c],
+                        updates: 0,
+                    })
+                    .collect()
+            })
+            .collect();
+        NormState { momentum, stats }
+    }
+
+    /// The statistics of a layer at an inner step (the last set if `step` is beyond it).
+    pub fn get(&self, layer: usize, step: usize) -> &RunningStats<F> {
+        let s = &self.stats[layer];
+        &s[step.min(s.len() - 1)]
+    }
+
+    /// Folds observed batch statistics in, in the given order.
+    pub fn update(&mut self, observed: &[Observed<F>]) {
+        let m = F::c(self.momentum);
+        for o in observed {
+            let s = &mut self.stats[o.layer];
+            let last = s.len() - 1;
+            let r = &mut s[o.step.min(last)];
+            for (rm, &bm) in r.mean.iter_mut().zip(&o.mean) {
+                *rm = (F::one() - m) * *rm + m * bm;
+            }
+            for (rv, &bv) in r.var.iter_mut().zip(&o.var) {
+                *rv = (F::one() - m) * *rv + m * bv;
+            }
+            r.updates += 1;
+        }
+    }
+}
+
+/// Per-forward context: the norm mode (always explicit), the inner step, the running
+/// statistics to read, and what the forward pass observed or recorded.
+#[derive(Debug)]
+pub struct Ctx<'a, F: Float> {
+    /// How batch norms normalise.
+    pub mode: NormMode,
+    /// The inner-loop step (selects per-step statistics and affine weights).
+    pub step: usize,
+    /// Running statistics, needed for [`NormMode::Inductive`].
+    pub running: Option<&'a NormState<F>>,
+    /// Batch statistics seen in [`NormMode::Train`], in order.
+    pub observed: Vec<Observed<F>>,
+    /// TaskNorm context statistics per norm layer: `(mean, variance, context size)`.
+    pub context: Vec<Option<(Var, Var, usize)>>,
+    /// Whether this forward pass is over the context (support) set, whose statistics
+    /// TaskNorm records for later passes.
+    pub record_context: bool,
+}
+
+impl<'a, F: Float> Ctx<'a, F> {
+    /// A context for the given mode, step 0, no running statistics.
+    pub fn new(mode: NormMode) -> Self {
+        Ctx {
+            mode,
+            step: 0,
+            running: None,
+            observed: Vec::new(),
+            context: Vec::new(),
+            record_context: false,
+        }
+    }
+
+    /// With running statistics to read (and, in inductive mode, to use).
+    pub fn with_running(mut self, running: &'a NormState<F>) -> Self {
+        self.running = Some(running);
+        self
+    }
+}
+
+/// Shape `[1, C, 1, ...]` for broadcasting per-channel values over `x`.
+fn channel_shape(x_shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; x_shape.len()];
+    s[1] = x_shape[1];
+    s
+}
+
+/// `(x − mean) / sqrt(var + eps) · gamma + beta`, with per-channel gamma and beta.
+fn normalise<F: Float>(
+    t: &mut Tape<F>,
+    x: Var,
+    mean: Var,
+    var: Var,
+    gamma: Var,
+    beta: Var,
+    eps: f64,
+) -> Var {
+    let cs = channel_shape(t.shape(x));
+    let xc = t.sub(x, mean);
+    let ve = t.add_scalar(var, eps);
+    let sd = t.sqrt(ve);
+    let xh = t.div(xc, sd);
+    let g = t.reshape(gamma, &cs);
+    let b = t.reshape(beta, &cs);
+    let y = t.mul(xh, g);
+    t.add(y, b)
+}
+
+#[track_caller]
+fn check_norm_input<F: Float>(t: &Tape<F>, name: &str, x: Var, gamma: Var, beta: Var) {
+    let (sx, sg, sb) = (t.shape(x), t.shape(gamma), t.shape(beta));
+    assert!(
+        sx.len() >= 2 && sg == [sx[1]] && sb == [sx[1]],
+        "metagrad::{name}: input {sx:?} needs gamma and beta of shape [{}], got {sg:?} and {sb:?}",
+        sx.get(1).copied().unwrap_or(0)
+    );
+}
+
+/// Batch normalisation over every axis but the channel axis 1 (`[N, C]` or
+/// `[N, C, H, W]`), with learnable per-channel `gamma` and `beta`.
+///
+/// Returns the output and, in [`NormMode::Train`], the batch's statistics (to fold into
+/// the running statistics with [`NormState::update`]).
+///
+/// # Panics
+/// In [`NormMode::Inductive`] when `running` is `None` or has never been updated: there
+/// are no statistics to normalise with, and silently using the batch's own would be
+/// transductive.
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm<F: Float>(
+    t: &mut Tape<F>,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    mode: NormMode,
+    running: Option<&RunningStats<F>>,
+    eps: f64,
+) -> (Var, Option<(Vec<F>, Vec<F>)>) {
+    check_norm_input(t, "batch_norm", x, gamma, beta);
+    let shape = t.shape(x).to_vec();
+    let cs = channel_shape(&shape);
+    match mode {
+        NormMode::Inductive => {
+            let r = match running {
+                Some(r) if r.updates > 0 => r,
+                _ => panic!(
+                    "metagrad::batch_norm: inductive mode needs running statistics, and none \
+                     have been collected; meta-train with NormMode::Train first, or choose \
+                     NormMode::Transductive knowingly"
+                ),
+            };
+            let m = t.constant(crate::ops::array_from(&cs, r.mean.clone()));
+            let v = t.constant(crate::ops::array_from(&cs, r.var.clone()));
+            (normalise(t, x, m, v, gamma, beta, eps), None)
+        }
+        NormMode::Train | NormMode::Transductive => {
+            let axes: Vec<usize> = (0..shape.len()).filter(|&a| a != 1).collect();
+            let mean = t.mean_axes(x, &axes, true);
+            let xc = t.sub(x, mean);
+            let sq = t.square(xc);
+            let var = t.mean_axes(sq, &axes, true);
+            let y = normalise(t, x, mean, var, gamma, beta, eps);
+            let observed = (mode == NormMode::Train).then(|| {
+                let n = shape.iter().product::<usize>() / shape[1];
+                let unbias = F::c(n as f64 / (n.max(2) - 1) as f64);
+                let m = t.value(mean).iter().copied().collect();
+                let v = t.value(var).iter().map(|&v| v * unbias).collect();
+                (m, v)
+            });
+            (y, observed)
+        }
+    }
+}
+
+/// Group normalisation of `[N, C, ...]`: channels split into `groups` groups, each
+/// example and group normalised by its own statistics, then a per-channel affine map.
+/// It keeps no running statistics and gives the same output in every [`NormMode`].
+/// `groups = 1` is layer norm, `groups = C` is instance norm.
+///
+/// # Panics
+/// If `C` is not divisible by `groups`.
+#[track_caller]
+pub fn group_norm<F: Float>(
+    t: &mut Tape<F>,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    groups: usize,
+    eps: f64,
+) -> Var {
+    check_norm_input(t, "group_norm", x, gamma, beta);
+    let shape = t.shape(x).to_vec();
+    assert!(
+        groups > 0 && shape[1] % groups == 0,
+        "metagrad::group_norm: {} channels (input {shape:?}) do not split into {groups} groups",
+        shape[1]
+    );
+    let n = shape[0];
+    let per = shape.iter().product::<usize>() / (n * groups);
+    let xg = t.reshape(x, &[n, groups, per]);
+    let mean = t.mean_axes(xg, &[2], true);
+    let xc = t.sub(xg, mean);
+    let sq = t.square(xc);
+    let var = t.mean_axes(sq, &[2], true);
+    let ve = t.add_scalar(var, eps);
+    let sd = t.sqrt(ve);
+    let xh = t.div(xc, sd);
+    let xh = t.reshape(xh, &shape);
+    let cs = channel_shape(&shape);
+    let g = t.reshape(gamma, &cs);
+    let b = t.reshape(beta, &cs);
+    let y = t.mul(xh, g);
+    t.add(y, b)
+}
+
+/// TaskNorm-I (Bronskill et al., 2020): normalises `x: [N, C, H, W]` with a blend of
+/// context statistics (the support set's, per channel) and instance statistics (each
+/// example's own, per channel), `α = sigmoid(scale · |context| + offset)` learned:
+///
+/// `μ = α μ_ctx + (1 − α) μ_inst`,
+/// `σ² = α (σ²_ctx + (μ_ctx − μ)²) + (1 − α)(σ²_inst + (μ_inst − μ)²)`.
+///
+/// With `context = None` this pass *is* the context pass: the batch's statistics are the
+/// context, and they are returned for later passes (the query set) to use. A query
+/// example's output then depends only on itself and the support set: not transductive.
+/// `scale` and `offset` are 0-dimensional parameters.
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+pub fn task_norm<F: Float>(
+    t: &mut Tape<F>,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    scale: Var,
+    offset: Var,
+    context: Option<(Var, Var, usize)>,
+    eps: f64,
+) -> (Var, (Var, Var, usize)) {
+    check_norm_input(t, "task_norm", x, gamma, beta);
+    let shape = t.shape(x).to_vec();
+    assert!(
+        shape.len() == 4,
+        "metagrad::task_norm: expected [N, C, H, W], got {shape:?}"
+    );
+    let ctx = context.unwrap_or_else(|| {
+        let mean = t.mean_axes(x, &[0, 2, 3], true);
+        let xc = t.sub(x, mean);
+        let sq = t.square(xc);
+        let var = t.mean_axes(sq, &[0, 2, 3], true);
+        (mean, var, shape[0])
+    });
+    let (mc, vc, size) = ctx;
+    let mi = t.mean_axes(x, &[2, 3], true);
+    let xci = t.sub(x, mi);
+    let sqi = t.square(xci);
+    let vi = t.mean_axes(sqi, &[2, 3], true);
+    // α = sigmoid(scale · size + offset)
+    let a = t.mul_scalar(scale, size as f64);
+    let a = t.add(a, offset);
+    let alpha = t.sigmoid(a);
+    let na = t.neg(alpha);
+    let beta_w = t.add_scalar(na, 1.0); // 1 − α
+    let p = t.mul(alpha, mc);
+    let q = t.mul(beta_w, mi);
+    let mu = t.add(p, q);
+    let dc = t.sub(mc, mu);
+    let dc = t.square(dc);
+    let dc = t.add(vc, dc);
+    let dc = t.mul(alpha, dc);
+    let di = t.sub(mi, mu);
+    let di = t.square(di);
+    let di = t.add(vi, di);
+    let di = t.mul(beta_w, di);
+    let var = t.add(dc, di);
+    (normalise(t, x, mu, var, gamma, beta, eps), ctx)
+}

@@ -1,0 +1,139 @@
+//! Named parameter tensors that live outside any tape.
+
+use crate::{Float, Tape, Var};
+use ndarray::ArrayD;
+use serde::{Deserialize, Serialize};
+
+/// An ordered set of named tensors: a network's parameters, or learned inner learning
+/// rates. Serialisable with serde, so it can be saved and loaded. A training step places
+/// them on a tape with [`Params::place`]; the network functions take the resulting
+/// [`Var`]s in the same order, so they run the same with the meta-parameters and with
+/// adapted ("fast") parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "F: Float")]
+pub struct Params<F> {
+    names: Vec<String>,
+    tensors: Vec<ArrayD<F>>,
+}
+
+impl<F: Float> Default for Params<F> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<F: Float> Params<F> {
+    /// An empty set.
+    pub fn new() -> Self {
+        Params {
+            names: Vec::new(),
+            tensors: Vec::new(),
+        }
+    }
+
+    /// Appends a tensor under a new name.
+    ///
+    /// # Panics
+    /// If the name is already taken.
+    #[track_caller]
+    pub fn push(&mut self, name: impl Into<String>, tensor: ArrayD<F>) {
+        let name = name.into();
+        assert!(
+            !self.names.contains(&name),
+            "metagrad::Params::push: duplicate parameter name {name:?}"
+        );
+        self.names.push(name);
+        self.tensors.push(tensor.as_standard_layout().into_owned());
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Total number of scalar elements.
+    pub fn num_elements(&self) -> usize {
+        self.tensors.iter().map(|t| t.len()).sum()
+    }
+
+    /// The names, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The tensors, in order.
+    pub fn tensors(&self) -> &[ArrayD<F>] {
+        &self.tensors
+    }
+
+    /// The tensors, mutably (an optimiser's update).
+    pub fn tensors_mut(&mut self) -> &mut [ArrayD<F>] {
+        &mut self.tensors
+    }
+
+    /// Position of a name.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// The tensor of a name.
+    pub fn get(&self, name: &str) -> Option<&ArrayD<F>> {
+        self.index_of(name).map(|i| &self.tensors[i])
+    }
+
+    /// `(name, tensor)` pairs in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &ArrayD<F>)> {
+        self.names
+            .iter()
+            .map(String::as_str)
+            .zip(self.tensors.iter())
+    }
+
+    /// Places every tensor on the tape as a differentiable parameter.
+    pub fn place(&self, t: &mut Tape<F>) -> Vec<Var> {
+        self.tensors.iter().map(|p| t.param(p.clone())).collect()
+    }
+
+    /// Places every tensor on the tape as a constant (evaluation without gradients).
+    pub fn place_const(&self, t: &mut Tape<F>) -> Vec<Var> {
+        self.tensors.iter().map(|p| t.constant(p.clone())).collect()
+    }
+
+    /// Whether `other` has the same names and shapes; `Err` says the first difference.
+    pub fn check_same_layout(&self, other: &Params<F>) -> Result<(), String> {
+        if self.names != other.names {
+            return Err(format!(
+                "parameter names differ: expected {:?}, found {:?}",
+                self.names, other.names
+            ));
+        }
+        for ((n, a), b) in self.names.iter().zip(&self.tensors).zip(&other.tensors) {
+            if a.shape() != b.shape() {
+                return Err(format!(
+                    "parameter {n} has shape {:?}, expected {:?}",
+                    b.shape(),
+                    a.shape()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The same names with every tensor converted to another float type (e.g. to `f64`
+    /// for gradient checks).
+    pub fn cast<G: Float>(&self) -> Params<G> {
+        Params {
+            names: self.names.clone(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| t.mapv(|v| G::c(v.f64())))
+                .collect(),
+        }
+    }
+}

@@ -132,7 +132,12 @@ impl MapFn {
     /// # Errors
     /// [`Error::Config`] if the inputs disagree on dimension 0 or the tasks' outputs differ
     /// in shape; [`Error::Task`] if a task panics.
-    pub fn map<F, Fun>(&self, elems: &[ArrayD<F>], params: &[ArrayD<F>], f: Fun) -> Result<ArrayD<F>>
+    pub fn map<F, Fun>(
+        &self,
+        elems: &[ArrayD<F>],
+        params: &[ArrayD<F>],
+        f: Fun,
+    ) -> Result<ArrayD<F>>
     where
         F: Float,
         Fun: Fn(&mut Tape<F>, &[Var], &[Var]) -> Var + Sync,
@@ -207,7 +212,14 @@ impl MapFn {
         let outputs = stack(&per_task.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>())?;
         let k = elems.len();
         let input_grads = (0..k)
-            .map(|j| stack(&per_task.iter().map(|(_, g)| g[j].clone()).collect::<Vec<_>>()))
+            .map(|j| {
+                stack(
+                    &per_task
+                        .iter()
+                        .map(|(_, g)| g[j].clone())
+                        .collect::<Vec<_>>(),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut param_grads: Vec<ArrayD<F>> =
             params.iter().map(|p| ArrayD::zeros(p.raw_dim())).collect();
@@ -228,9 +240,10 @@ fn task_count<F>(elems: &[ArrayD<F>]) -> Result<usize> {
     let Some(first) = elems.first() else {
         return Err(Error::Config("map_fn: no input tensors to map over".into()));
     };
-    let n = *first.shape().first().ok_or_else(|| {
-        Error::Config("map_fn: inputs must have a dimension 0 to unpack".into())
-    })?;
+    let n = *first
+        .shape()
+        .first()
+        .ok_or_else(|| Error::Config("map_fn: inputs must have a dimension 0 to unpack".into()))?;
     for (j, e) in elems.iter().enumerate() {
         if e.shape().first() != Some(&n) {
             return Err(Error::Config(format!(

@@ -145,9 +145,10 @@ pub struct StepStats {
 /// be differentiated with respect to the starting parameters through the updates (second
 /// order); without it the inner gradients are constants (first order).
 ///
-/// `rates` are the learned inner rates for [`InnerRule::MetaSgd`] (one per parameter,
-/// same shape) and [`InnerRule::PerLayerPerStep`] (one per parameter, shape `[steps]`);
-/// empty otherwise. `head` are the parameter indices [`InnerRule::HeadOnly`] adapts.
+/// Only the parameters [`adapted_indices`] selects change. `rates` are the learned inner
+/// rates, one per adapted parameter in that order: shaped like the parameter for
+/// [`InnerRule::MetaSgd`], shape `[steps]` for [`InnerRule::PerLayerPerStep`]; empty
+/// otherwise.
 #[allow(clippy::too_many_arguments)]
 pub fn adapt<F: Float, M: Model<F> + ?Sized>(
     t: &mut Tape<F>,
@@ -162,10 +163,7 @@ pub fn adapt<F: Float, M: Model<F> + ?Sized>(
     y: &Targets<F>,
     ctx: &mut Ctx<'_, F>,
 ) -> Vec<Vec<Var>> {
-    let adapted: Vec<usize> = match rule {
-        InnerRule::HeadOnly => model.head(),
-        _ => (0..start.len()).collect(),
-    };
+    let adapted = adapted_indices(model, rule, start.len());
     let mut trajectory = vec![start.to_vec()];
     let mut fast = start.to_vec();
     for s in 0..steps {
@@ -176,12 +174,12 @@ pub fn adapt<F: Float, M: Model<F> + ?Sized>(
         let loss = y.loss(t, out);
         let wrt: Vec<Var> = adapted.iter().map(|&i| fast[i]).collect();
         let grads = t.grad(loss, &wrt, create_graph);
-        for (&i, &g) in adapted.iter().zip(&grads) {
+        for (k, (&i, &g)) in adapted.iter().zip(&grads).enumerate() {
             let step = match rule {
                 InnerRule::Sgd | InnerRule::HeadOnly => t.mul_scalar(g, inner_lr),
-                InnerRule::MetaSgd => t.mul(rates[i], g),
+                InnerRule::MetaSgd => t.mul(rates[k], g),
                 InnerRule::PerLayerPerStep => {
-                    let r = t.slice_axis(rates[i], 0, s, s + 1);
+                    let r = t.slice_axis(rates[k], 0, s, s + 1);
                     let r = t.reshape(r, &[]);
                     t.mul(r, g)
                 }
@@ -191,6 +189,22 @@ pub fn adapt<F: Float, M: Model<F> + ?Sized>(
         trajectory.push(fast.clone());
     }
     trajectory
+}
+
+/// The parameters the inner loop adapts under `rule`: the head for
+/// [`InnerRule::HeadOnly`], otherwise all but the model's [`Model::inner_frozen`] ones.
+pub fn adapted_indices<F: Float, M: Model<F> + ?Sized>(
+    model: &M,
+    rule: InnerRule,
+    len: usize,
+) -> Vec<usize> {
+    match rule {
+        InnerRule::HeadOnly => model.head(),
+        _ => {
+            let frozen = model.inner_frozen();
+            (0..len).filter(|i| !frozen.contains(i)).collect()
+        }
+    }
 }
 
 /// Runs the network on `x` with parameters `p` at inner step `step`; for TaskNorm
@@ -238,9 +252,14 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     pub fn new(model: M, config: MetaConfig, seed: u64) -> Self {
         let mut params = model.init(seed);
         let net_len = params.len();
-        let net: Vec<(String, Vec<usize>)> = params
-            .iter()
-            .map(|(n, p)| (n.to_string(), p.shape().to_vec()))
+        let net: Vec<(String, Vec<usize>)> = adapted_indices(&model, config.rule, net_len)
+            .into_iter()
+            .map(|i| {
+                (
+                    params.names()[i].clone(),
+                    params.tensors()[i].shape().to_vec(),
+                )
+            })
             .collect();
         let lr = F::c(config.inner_lr);
         for (name, shape) in net {

@@ -80,7 +80,10 @@ impl<F: Float> Optimizer<F> {
     pub fn step(&mut self, params: &mut [ArrayD<F>], grads: &[ArrayD<F>]) {
         assert!(
             params.len() == grads.len()
-                && params.iter().zip(grads).all(|(p, g)| p.shape() == g.shape()),
+                && params
+                    .iter()
+                    .zip(grads)
+                    .all(|(p, g)| p.shape() == g.shape()),
             "metagrad::Optimizer::step: {} gradients do not match {} parameters",
             grads.len(),
             params.len()
@@ -132,14 +135,18 @@ impl<F: Float> Optimizer<F> {
                 let bc2 = F::c(1.0 - beta2.powi(t));
                 let (lr, e, s) = (F::c(lr), F::c(*eps), F::c(scale));
                 for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m).zip(v) {
-                    ndarray::Zip::from(p).and(g).and(m).and(v).for_each(|p, &g, m, v| {
-                        let g = g * s;
-                        *m = b1 * *m + (F::one() - b1) * g;
-                        *v = b2 * *v + (F::one() - b2) * g * g;
-                        let mh = *m / bc1;
-                        let vh = *v / bc2;
-                        *p -= lr * mh / (vh.sqrt() + e);
-                    });
+                    ndarray::Zip::from(p)
+                        .and(g)
+                        .and(m)
+                        .and(v)
+                        .for_each(|p, &g, m, v| {
+                            let g = g * s;
+                            *m = b1 * *m + (F::one() - b1) * g;
+                            *v = b2 * *v + (F::one() - b2) * g * g;
+                            let mh = *m / bc1;
+                            let vh = *v / bc2;
+                            *p -= lr * mh / (vh.sqrt() + e);
+                        });
                 }
             }
         }

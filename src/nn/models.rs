@@ -22,6 +22,11 @@ pub trait Model<F: Float>: Send + Sync {
     fn batch_norm_channels(&self) -> Vec<usize> {
         Vec::new()
     }
+    /// Indices of parameters the inner loop never adapts (per-step batch-norm affine
+    /// weights in MAML++, which already differ from step to step).
+    fn inner_frozen(&self) -> Vec<usize> {
+        Vec::new()
+    }
     /// Whether batch-norm statistics and affine weights are kept per inner step; the
     /// number of sets.
     fn norm_steps(&self) -> usize {
@@ -245,7 +250,10 @@ impl<F: Float> Model<F> for Conv4 {
         let zeros = || ArrayD::zeros(IxDyn(&[f]));
         for b in 0..4 {
             let std = (2.0 / (cin * 9) as f64).sqrt();
-            p.push(format!("b{b}.conv.w"), normal(&mut rng, &[f, cin, 3, 3], std));
+            p.push(
+                format!("b{b}.conv.w"),
+                normal(&mut rng, &[f, cin, 3, 3], std),
+            );
             p.push(format!("b{b}.conv.b"), zeros());
             match self.norm {
                 NormKind::None => {}
@@ -312,9 +320,7 @@ impl<F: Float> Model<F> for Conv4 {
                 }
                 NormKind::Group { groups } => group_norm(t, h, q[2], q[3], groups, self.eps),
                 NormKind::Layer => group_norm(t, h, q[2], q[3], 1, self.eps),
-                NormKind::Instance => {
-                    group_norm(t, h, q[2], q[3], self.filters, self.eps)
-                }
+                NormKind::Instance => group_norm(t, h, q[2], q[3], self.filters, self.eps),
                 NormKind::TaskNorm => {
                     let context = if ctx.record_context {
                         None
@@ -351,6 +357,16 @@ impl<F: Float> Model<F> for Conv4 {
         vec![n - 2, n - 1]
     }
 
+    fn inner_frozen(&self) -> Vec<usize> {
+        match self.norm {
+            NormKind::Batch { per_step: Some(_) } => {
+                let bp = self.block_params();
+                (0..4).flat_map(|b| b * bp + 2..(b + 1) * bp).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     fn batch_norm_channels(&self) -> Vec<usize> {
         match self.norm {
             NormKind::Batch { .. } => vec![self.filters; 4],
@@ -369,4 +385,3 @@ impl<F: Float> Model<F> for Conv4 {
         self.norm == NormKind::TaskNorm
     }
 }
-

@@ -4,7 +4,6 @@
 use super::{flat, from_vec};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
-use ndarray::{ArrayD, IxDyn, Zip};
 use std::sync::Arc;
 
 /// The numpy broadcast of two shapes, or `None` when they are incompatible.
@@ -51,14 +50,8 @@ impl<F: Float> Tape<F> {
                     y.shape()
                 )
             });
-            let xv = x.broadcast(IxDyn(&shape)).expect("broadcast");
-            let yv = y.broadcast(IxDyn(&shape)).expect("broadcast");
-            let mut out = ArrayD::zeros(IxDyn(&shape));
-            Zip::from(&mut out)
-                .and(&xv)
-                .and(&yv)
-                .for_each(|o, &p, &q| *o = f(p, q));
-            out
+            let v = super::broadcast::binary(flat(x), x.shape(), flat(y), y.shape(), &shape, f);
+            from_vec(&shape, v)
         };
         self.push(value, op, &[a, b])
     }
@@ -115,7 +108,11 @@ impl<F: Float> Tape<F> {
 
     /// `aⁿ` for an integer `n`.
     pub fn powi(&mut self, a: Var, n: i32) -> Var {
-        self.unary(a, |p| p.powi(n), Op::Powi(a, n))
+        match n {
+            2 => self.unary(a, |p| p * p, Op::Powi(a, n)),
+            -1 => self.unary(a, |p| p.recip(), Op::Powi(a, n)),
+            _ => self.unary(a, |p| p.powi(n), Op::Powi(a, n)),
+        }
     }
 
     /// `a²`.

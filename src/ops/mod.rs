@@ -13,6 +13,7 @@
 //! | [`conv`] | conv2d, max-pool, average pool, global average pool |
 //! | [`loss`] | log_softmax, softmax, mse, cross-entropy with dense and with sparse labels |
 
+mod broadcast;
 pub mod conv;
 pub mod elementwise;
 pub mod linalg;

@@ -1,11 +1,11 @@
 //! Reductions: sums and means over all elements or over axes, the broadcast pair
 //! `sum_to` / `broadcast_to`, and max over an axis.
 
-use super::{flat, from_vec, standard};
+use super::{flat, from_vec};
 use crate::tape::op::Gather;
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
-use ndarray::{Axis, IxDyn};
+use ndarray::IxDyn;
 use std::sync::Arc;
 
 impl<F: Float> Tape<F> {
@@ -34,15 +34,7 @@ impl<F: Float> Tape<F> {
         let value = if shape.iter().product::<usize>() == 1 {
             from_vec(shape, vec![flat(x).iter().copied().sum()])
         } else {
-            let pad = r - shape.len();
-            let mut acc = x.view().into_owned();
-            for ax in (0..r).rev() {
-                let target = if ax < pad { 1 } else { shape[ax - pad] };
-                if target == 1 && acc.shape()[ax] != 1 {
-                    acc = acc.sum_axis(Axis(ax)).insert_axis(Axis(ax));
-                }
-            }
-            standard(acc.into_shape_with_order(IxDyn(shape)).expect("sum_to"))
+            from_vec(shape, super::broadcast::sum_to(flat(x), x.shape(), shape))
         };
         self.push(value, Op::SumTo(a, shape.to_vec()), &[a])
     }
@@ -57,13 +49,16 @@ impl<F: Float> Tape<F> {
         if x.shape() == shape {
             return a;
         }
-        let value = match x.broadcast(IxDyn(shape)) {
-            Some(v) => v.as_standard_layout().into_owned(),
-            None => panic!(
+        if x.broadcast(IxDyn(shape)).is_none() {
+            panic!(
                 "metagrad::broadcast_to: shape {:?} does not broadcast to {shape:?}",
                 x.shape()
-            ),
-        };
+            );
+        }
+        let value = from_vec(
+            shape,
+            super::broadcast::broadcast(flat(x), x.shape(), shape),
+        );
         self.push(value, Op::BroadcastTo(a, shape.to_vec()), &[a])
     }
 

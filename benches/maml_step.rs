@@ -1,0 +1,293 @@
+//! Meta-training step timings for the standard MAML workloads, mirroring
+//! `../shared/ref/maml_torch.py` and `maml_jax.py` exactly (shapes, hyper-parameters,
+//! what one timed step contains).
+//!
+//! ```text
+//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N]
+//! ```
+//!
+//! One timed step: every task's inner loop, query loss and meta-gradient, plus the outer
+//! Adam step; task data is made before the timer starts; f32; the median of `--steps`
+//! steps after `--warmup` steps. For each workload a human line like the reference
+//! script's and one JSON line are printed.
+
+use metagrad::map_fn::with_threads;
+use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order, Task};
+use metagrad::nn::{Conv4, Mlp, Model, Targets};
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+struct Workload {
+    name: &'static str,
+    omniglot: bool,
+    meta_batch: usize,
+    inner_steps: usize,
+    second_order: bool,
+    ways: usize,
+    shots: usize,
+    queries: usize,
+    inner_lr: f64,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "W1-sin-1step-SO",
+        omniglot: false,
+        meta_batch: 25,
+        inner_steps: 1,
+        second_order: true,
+        ways: 0,
+        shots: 10,
+        queries: 10,
+        inner_lr: 0.01,
+    },
+    Workload {
+        name: "W1-sin-5step-SO",
+        omniglot: false,
+        meta_batch: 25,
+        inner_steps: 5,
+        second_order: true,
+        ways: 0,
+        shots: 10,
+        queries: 10,
+        inner_lr: 0.01,
+    },
+    Workload {
+        name: "W2-omni5w1s-1step-SO",
+        omniglot: true,
+        meta_batch: 32,
+        inner_steps: 1,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.4,
+    },
+    Workload {
+        name: "W2-omni5w1s-5step-SO",
+        omniglot: true,
+        meta_batch: 32,
+        inner_steps: 5,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.4,
+    },
+    Workload {
+        name: "W2-omni5w1s-1step-FO",
+        omniglot: true,
+        meta_batch: 32,
+        inner_steps: 1,
+        second_order: false,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.4,
+    },
+    Workload {
+        name: "W3-omni20w1s-1step-SO",
+        omniglot: true,
+        meta_batch: 16,
+        inner_steps: 1,
+        second_order: true,
+        ways: 20,
+        shots: 1,
+        queries: 5,
+        inner_lr: 0.4,
+    },
+];
+
+/// Sinusoid tasks exactly as the reference makes them: amplitude U[0.1, 5], phase
+/// U[0, π], x U[−5, 5].
+fn sinusoid_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
+    (0..w.meta_batch)
+        .map(|_| {
+            let amp = rng.gen_range(0.1..5.0f32);
+            let phase = rng.gen_range(0.0..std::f32::consts::PI);
+            let mut points = |n: usize| {
+                let x =
+                    ArrayD::from_shape_simple_fn(IxDyn(&[n, 1]), || rng.gen_range(-5.0..5.0f32));
+                let y = x.mapv(|v| amp * (v - phase).sin());
+                (x, y)
+            };
+            let (xs, ys) = points(w.shots);
+            let (xq, yq) = points(w.queries);
+            Task {
+                support_x: xs,
+                support_y: Targets::Values(ys),
+                query_x: xq,
+                query_y: Targets::Values(yq),
+            }
+        })
+        .collect()
+}
+
+/// Omniglot-shaped tasks as the reference makes them: standard-normal 28×28 images,
+/// labels `0..N` each repeated `K` (or `Q`) times.
+fn omniglot_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
+    (0..w.meta_batch)
+        .map(|_| {
+            let mut images = |n: usize| {
+                ArrayD::from_shape_simple_fn(IxDyn(&[n, 1, 28, 28]), || {
+                    rng.sample::<f32, _>(rand_distr_normal())
+                })
+            };
+            let labels = |per: usize| {
+                (0..w.ways)
+                    .flat_map(|c| std::iter::repeat_n(c, per))
+                    .collect::<Vec<_>>()
+            };
+            Task {
+                support_x: images(w.ways * w.shots),
+                support_y: Targets::Classes(labels(w.shots)),
+                query_x: images(w.ways * w.queries),
+                query_y: Targets::Classes(labels(w.queries)),
+            }
+        })
+        .collect()
+}
+
+fn rand_distr_normal() -> ndarray_rand::rand_distr::StandardNormal {
+    ndarray_rand::rand_distr::StandardNormal
+}
+
+/// Resets the kernel's peak-resident-set counter for this process (Linux).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set since the last reset, in MiB (Linux; 0 elsewhere).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn run<M: Model<f32> + Clone>(
+    w: &Workload,
+    model: M,
+    make: &mut dyn FnMut() -> Vec<Task<f32>>,
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+) {
+    let mut config = MetaConfig::maml(w.inner_steps, w.inner_lr);
+    if !w.second_order {
+        config = config.with_order(Order::First);
+    }
+    let mut learner = MetaLearner::<f32, _>::new(model, config, 0);
+    let mut opt = Optimizer::adam(1e-3);
+    reset_peak_rss();
+    let mut times = Vec::with_capacity(steps);
+    let mut losses = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let tasks = make();
+        let t0 = Instant::now();
+        let stats = std::hint::black_box(learner.meta_step(&tasks, &mut opt).expect("meta-step"));
+        let dt = t0.elapsed().as_secs_f64();
+        if i >= warmup {
+            times.push(dt);
+            losses.push(stats.loss);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
+    };
+    let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
+    let rss = peak_rss_mb();
+    let tps = w.meta_batch as f64 / median;
+    println!(
+        "{:24} median {median:9.5} s/step  min {min:9.5}  max {max:9.5}  tasks/s {tps:9.1}  (steps={steps}, warmup={warmup}, meta_batch={}, threads={threads}, first/last loss {:.4}/{:.4}, peak RSS {rss:.0} MiB)",
+        w.name, w.meta_batch, losses[0], losses[losses.len() - 1]
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "workload": w.name, "median_s": median, "min_s": min, "max_s": max,
+            "tasks_per_s": tps, "threads": threads, "steps": steps, "peak_rss_mb": rss,
+        })
+    );
+}
+
+fn main() {
+    let mut only: Vec<String> = Vec::new();
+    let (mut steps, mut warmup, mut threads) = (20usize, 3usize, 2usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |what: &str| -> usize {
+            args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+                eprintln!("maml_step: {what} needs a number");
+                std::process::exit(2)
+            })
+        };
+        match a.as_str() {
+            "--only" => only.extend(args.next()),
+            "--steps" => steps = num("--steps").max(1),
+            "--warmup" => warmup = num("--warmup"),
+            "--threads" => threads = num("--threads").max(1),
+            "--bench" => {}
+            other if !other.starts_with("--") && !only.is_empty() => only.push(other.to_string()),
+            other => {
+                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    for name in &only {
+        if !WORKLOADS.iter().any(|w| w.name == name) {
+            eprintln!(
+                "maml_step: unknown workload {name}; known: {}",
+                WORKLOADS
+                    .iter()
+                    .map(|w| w.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            std::process::exit(2);
+        }
+    }
+    println!("metagrad maml_step  threads={threads}  steps={steps}  warmup={warmup}");
+    let t0 = Instant::now();
+    with_threads(threads, || {
+        for w in WORKLOADS
+            .iter()
+            .filter(|w| only.is_empty() || only.iter().any(|n| n == w.name))
+        {
+            let mut rng = ChaCha8Rng::seed_from_u64(0);
+            if w.omniglot {
+                run(
+                    w,
+                    Conv4::omniglot(w.ways),
+                    &mut || omniglot_tasks(&mut rng, w),
+                    steps,
+                    warmup,
+                    threads,
+                );
+            } else {
+                run(
+                    w,
+                    Mlp::sinusoid(),
+                    &mut || sinusoid_tasks(&mut rng, w),
+                    steps,
+                    warmup,
+                    threads,
+                );
+            }
+        }
+    });
+    println!("total wall {:.1} s", t0.elapsed().as_secs_f64());
+}

@@ -1,0 +1,209 @@
+//! Fast loops for broadcasting: binary ops, `broadcast_to` and `sum_to` run as a nest of
+//! at most a few merged dimensions with a contiguous (or constant) innermost loop,
+//! instead of a generic n-dimensional iterator.
+
+use crate::Float;
+
+/// Element strides of an input of shape `shape` viewed at the output shape `out`
+/// (numpy alignment from the right), 0 along broadcast dimensions.
+fn expanded_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let pad = out.len() - shape.len();
+    let mut strides = vec![0; out.len()];
+    let mut s = 1;
+    for i in (0..shape.len()).rev() {
+        if shape[i] != 1 {
+            strides[pad + i] = s;
+        }
+        s *= shape[i];
+    }
+    strides
+}
+
+/// `(len, stride per operand)` for each dimension of `out`, with size-1 dimensions
+/// dropped and adjacent dimensions merged where every operand steps through them as one.
+fn merged<const K: usize>(out: &[usize], strides: [&[usize]; K]) -> Vec<(usize, [usize; K])> {
+    let mut dims: Vec<(usize, [usize; K])> = Vec::with_capacity(out.len());
+    for (i, &len) in out.iter().enumerate() {
+        if len == 1 {
+            continue;
+        }
+        let st: [usize; K] = std::array::from_fn(|k| strides[k][i]);
+        if let Some(last) = dims.last_mut() {
+            // Merge into the previous (outer) dimension when it is this one repeated.
+            if (0..K).all(|k| last.1[k] == st[k] * len) {
+                last.0 *= len;
+                last.1 = st;
+                continue;
+            }
+        }
+        dims.push((len, st));
+    }
+    if dims.is_empty() {
+        dims.push((1, [0; K]));
+    }
+    dims
+}
+
+/// `f(a, b)` elementwise with numpy broadcasting to `out_shape`, row-major.
+pub(crate) fn binary<F: Float>(
+    a: &[F],
+    sa: &[usize],
+    b: &[F],
+    sb: &[usize],
+    out_shape: &[usize],
+    f: impl Fn(F, F) -> F,
+) -> Vec<F> {
+    let (ea, eb) = (
+        expanded_strides(sa, out_shape),
+        expanded_strides(sb, out_shape),
+    );
+    let dims = merged(out_shape, [&ea, &eb]);
+    let mut out = Vec::with_capacity(out_shape.iter().product());
+    binary_rec(a, b, &dims, 0, 0, &mut out, &f);
+    out
+}
+
+fn binary_rec<F: Float>(
+    a: &[F],
+    b: &[F],
+    dims: &[(usize, [usize; 2])],
+    oa: usize,
+    ob: usize,
+    out: &mut Vec<F>,
+    f: &impl Fn(F, F) -> F,
+) {
+    let (n, [sa, sb]) = dims[0];
+    if dims.len() == 1 {
+        match (sa, sb) {
+            (1, 1) => out.extend(
+                a[oa..oa + n]
+                    .iter()
+                    .zip(&b[ob..ob + n])
+                    .map(|(&x, &y)| f(x, y)),
+            ),
+            (1, 0) => {
+                let y = b[ob];
+                out.extend(a[oa..oa + n].iter().map(|&x| f(x, y)));
+            }
+            (0, 1) => {
+                let x = a[oa];
+                out.extend(b[ob..ob + n].iter().map(|&y| f(x, y)));
+            }
+            _ => out.extend((0..n).map(|i| f(a[oa + i * sa], b[ob + i * sb]))),
+        }
+        return;
+    }
+    for i in 0..n {
+        binary_rec(a, b, &dims[1..], oa + i * sa, ob + i * sb, out, f);
+    }
+}
+
+/// `a` broadcast to `out_shape`, row-major.
+pub(crate) fn broadcast<F: Float>(a: &[F], sa: &[usize], out_shape: &[usize]) -> Vec<F> {
+    let ea = expanded_strides(sa, out_shape);
+    let dims = merged(out_shape, [&ea]);
+    let mut out = Vec::with_capacity(out_shape.iter().product());
+    broadcast_rec(a, &dims, 0, &mut out);
+    out
+}
+
+fn broadcast_rec<F: Float>(a: &[F], dims: &[(usize, [usize; 1])], oa: usize, out: &mut Vec<F>) {
+    let (n, [sa]) = dims[0];
+    if dims.len() == 1 {
+        match sa {
+            1 => out.extend_from_slice(&a[oa..oa + n]),
+            0 => out.extend(std::iter::repeat_n(a[oa], n)),
+            _ => out.extend((0..n).map(|i| a[oa + i * sa])),
+        }
+        return;
+    }
+    for i in 0..n {
+        broadcast_rec(a, &dims[1..], oa + i * sa, out);
+    }
+}
+
+/// Sums `x` (shape `sx`) down to `target`, a shape that broadcasts to `sx`.
+pub(crate) fn sum_to<F: Float>(x: &[F], sx: &[usize], target: &[usize]) -> Vec<F> {
+    let contiguous = expanded_strides(sx, sx);
+    let eo = expanded_strides(target, sx);
+    let dims = merged(sx, [&contiguous, &eo]);
+    let mut out = vec![F::zero(); target.iter().product()];
+    sum_rec(x, &dims, 0, 0, &mut out);
+    out
+}
+
+fn sum_rec<F: Float>(x: &[F], dims: &[(usize, [usize; 2])], ox: usize, oo: usize, out: &mut [F]) {
+    let (n, [sx, so]) = dims[0];
+    if dims.len() == 1 {
+        match (sx, so) {
+            (1, 0) => out[oo] += x[ox..ox + n].iter().copied().sum::<F>(),
+            (1, 1) => out[oo..oo + n]
+                .iter_mut()
+                .zip(&x[ox..ox + n])
+                .for_each(|(o, &v)| *o += v),
+            _ => (0..n).for_each(|i| out[oo + i * so] += x[ox + i * sx]),
+        }
+        return;
+    }
+    for i in 0..n {
+        sum_rec(x, &dims[1..], ox + i * sx, oo + i * so, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    fn arr(shape: &[usize], start: f64) -> ArrayD<f64> {
+        let n: usize = shape.iter().product();
+        ArrayD::from_shape_vec(
+            IxDyn(shape),
+            (0..n).map(|i| start + i as f64 * 0.5).collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn loops_agree_with_ndarray() {
+        let cases: [(&[usize], &[usize]); 6] = [
+            (&[2, 3, 4, 5], &[1, 3, 1, 1]),
+            (&[2, 3, 4], &[4]),
+            (&[2, 1, 3], &[4, 1]),
+            (&[3, 4], &[]),
+            (&[5, 1], &[1, 5]),
+            (&[2, 3, 4], &[2, 1, 4]),
+        ];
+        for (sa, sb) in cases {
+            let (a, b) = (arr(sa, 1.0), arr(sb, -2.0));
+            let expect = &a * &b;
+            let out_shape = expect.shape().to_vec();
+            let got = binary(
+                a.as_slice().unwrap(),
+                sa,
+                b.as_slice().unwrap(),
+                sb,
+                &out_shape,
+                |x, y| x * y,
+            );
+            assert_eq!(
+                got,
+                expect.iter().copied().collect::<Vec<_>>(),
+                "{sa:?} {sb:?}"
+            );
+            let bb = broadcast(b.as_slice().unwrap(), sb, &out_shape);
+            let expect_b: Vec<f64> = b
+                .broadcast(IxDyn(&out_shape))
+                .unwrap()
+                .iter()
+                .copied()
+                .collect();
+            assert_eq!(bb, expect_b);
+            // Summing the broadcast back multiplies by the repeat count.
+            let s = sum_to(&bb, &out_shape, sb);
+            let reps = out_shape.iter().product::<usize>() / b.len().max(1);
+            let expect_s: Vec<f64> = b.iter().map(|v| v * reps as f64).collect();
+            assert_eq!(s, expect_s, "{sb:?} from {out_shape:?}");
+        }
+    }
+}

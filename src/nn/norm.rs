@@ -168,7 +168,8 @@ fn channel_shape(x_shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// `(x − mean) / sqrt(var + eps) · gamma + beta`, with per-channel gamma and beta.
+/// `(x − mean) / sqrt(var + eps) · gamma + beta`, with per-channel gamma and beta,
+/// computed as `x · scale + shift` so that only two passes touch the full-size tensor.
 fn normalise<F: Float>(
     t: &mut Tape<F>,
     x: Var,
@@ -179,14 +180,15 @@ fn normalise<F: Float>(
     eps: f64,
 ) -> Var {
     let cs = channel_shape(t.shape(x));
-    let xc = t.sub(x, mean);
     let ve = t.add_scalar(var, eps);
     let sd = t.sqrt(ve);
-    let xh = t.div(xc, sd);
     let g = t.reshape(gamma, &cs);
     let b = t.reshape(beta, &cs);
-    let y = t.mul(xh, g);
-    t.add(y, b)
+    let scale = t.div(g, sd); // statistics-shaped, small
+    let ms = t.mul(mean, scale);
+    let shift = t.sub(b, ms);
+    let y = t.mul(x, scale);
+    t.add(y, shift)
 }
 
 #[track_caller]

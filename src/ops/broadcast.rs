@@ -122,6 +122,25 @@ fn broadcast_rec<F: Float>(a: &[F], dims: &[(usize, [usize; 1])], oa: usize, out
     }
 }
 
+/// The sum of a slice with eight running partial sums, so the loop vectorises (a plain
+/// left-to-right float sum cannot be reordered by the compiler).
+pub(crate) fn sum_slice<F: Float>(x: &[F]) -> F {
+    let mut acc = [F::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    let mut total =
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in rest {
+        total += v;
+    }
+    total
+}
+
 /// Sums `x` (shape `sx`) down to `target`, a shape that broadcasts to `sx`.
 pub(crate) fn sum_to<F: Float>(x: &[F], sx: &[usize], target: &[usize]) -> Vec<F> {
     let contiguous = expanded_strides(sx, sx);
@@ -136,7 +155,7 @@ fn sum_rec<F: Float>(x: &[F], dims: &[(usize, [usize; 2])], ox: usize, oo: usize
     let (n, [sx, so]) = dims[0];
     if dims.len() == 1 {
         match (sx, so) {
-            (1, 0) => out[oo] += x[ox..ox + n].iter().copied().sum::<F>(),
+            (1, 0) => out[oo] += sum_slice(&x[ox..ox + n]),
             (1, 1) => out[oo..oo + n]
                 .iter_mut()
                 .zip(&x[ox..ox + n])

@@ -233,26 +233,38 @@ impl<F: Float> Tape<F> {
     /// If `x` is not 4-D, `k` or `stride` is zero, or the window is larger than the input.
     #[track_caller]
     pub fn max_pool2d(&mut self, x: Var, k: usize, stride: usize) -> Var {
-        let (idx, _) = self.pool_windows("max_pool2d", x, k, stride);
+        let s = self.shape(x).to_vec();
+        assert!(
+            s.len() == 4 && k > 0 && stride > 0 && s[2] >= k && s[3] >= k,
+            "metagrad::max_pool2d: window {k} with stride {stride} does not fit input {s:?} \
+             (expected [N, C, H, W])"
+        );
+        let (h, w) = (s[2], s[3]);
+        let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
         let xs = flat(self.value(x));
-        let kk = k * k;
-        let src: Vec<usize> = idx
-            .chunks_exact(kk)
-            .map(|win| {
-                let mut best = win[0];
-                for &i in &win[1..] {
-                    if xs[i] > xs[best] {
-                        best = i;
+        let mut src = Vec::with_capacity(s[0] * s[1] * ho * wo);
+        for plane in 0..s[0] * s[1] {
+            let base = plane * h * w;
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    let first = base + oh * stride * w + ow * stride;
+                    // Branch-free arg-max: the comparisons are unpredictable.
+                    let (mut best, mut best_v) = (first, xs[first]);
+                    for i in 0..k {
+                        let row = first + i * w;
+                        for (j, &v) in xs[row..row + k].iter().enumerate() {
+                            let gt = v > best_v;
+                            best = if gt { row + j } else { best };
+                            best_v = if gt { v } else { best_v };
+                        }
                     }
+                    src.push(best);
                 }
-                best
-            })
-            .collect();
-        let s = self.shape(x);
-        let (ho, wo) = ((s[2] - k) / stride + 1, (s[3] - k) / stride + 1);
+            }
+        }
         let map = Gather {
             src,
-            in_shape: s.to_vec(),
+            in_shape: s.clone(),
             out_shape: vec![s[0], s[1], ho, wo],
         };
         self.gather(x, Arc::new(map))

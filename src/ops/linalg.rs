@@ -5,8 +5,14 @@ use crate::tape::{Op, Tape, Var};
 use crate::Float;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, Ix2, Ix3};
+use std::any::TypeId;
 
-/// `c = op(a) op(b)` into a row-major output, `op` transposing where the flag is set.
+/// `c = op(a) op(b) + beta·c` into a row-major output, `op` transposing where the flag is
+/// set (the views may be strided or transposed; no copy is made).
+///
+/// `f32` and `f64` run on the `gemm` crate's kernels (AVX-512 / AVX2+FMA chosen at run
+/// time, single-threaded: the library parallelises across tasks); any other `Float` falls
+/// back to `ndarray`'s `general_mat_mul`.
 pub(crate) fn gemm<F: Float>(
     a: ArrayView2<'_, F>,
     b: ArrayView2<'_, F>,
@@ -17,7 +23,52 @@ pub(crate) fn gemm<F: Float>(
 ) {
     let a = if ta { a.reversed_axes() } else { a };
     let b = if tb { b.reversed_axes() } else { b };
-    general_mat_mul(F::one(), &a, &b, beta, c);
+    let ((m, k), (k2, n)) = (a.dim(), b.dim());
+    assert!(
+        k == k2 && c.dim() == (m, n),
+        "metagrad::gemm: [{m}x{k}]·[{k2}x{n}] into {:?}",
+        c.dim()
+    );
+    if k == 0 || m == 0 || n == 0 {
+        c.mapv_inplace(|v| v * beta);
+        return;
+    }
+    let is = |t: TypeId| TypeId::of::<F>() == t;
+    if !(is(TypeId::of::<f32>()) || is(TypeId::of::<f64>())) {
+        general_mat_mul(F::one(), &a, &b, beta, c);
+        return;
+    }
+    let (sa, sb) = (a.strides(), b.strides());
+    let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
+    let read_dst = beta != F::zero();
+    // SAFETY: `F` is `f32` or `f64` (checked above), which `gemm::gemm` supports. The
+    // pointers and element strides describe the three views, whose shapes agree (asserted);
+    // `c` is borrowed mutably, so it overlaps neither input. The gemm crate computes
+    // `dst = alpha·dst + beta·lhs·rhs`, reading `dst` only when `read_dst` is set, so our
+    // `beta` is its `alpha` and its `beta` is one.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs,
+            c_rs,
+            read_dst,
+            a.as_ptr(),
+            sa[1],
+            sa[0],
+            b.as_ptr(),
+            sb[1],
+            sb[0],
+            beta,
+            F::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 impl<F: Float> Tape<F> {

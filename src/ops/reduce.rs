@@ -32,7 +32,7 @@ impl<F: Float> Tape<F> {
             x.shape()
         );
         let value = if shape.iter().product::<usize>() == 1 {
-            from_vec(shape, vec![flat(x).iter().copied().sum()])
+            from_vec(shape, vec![super::broadcast::sum_slice(flat(x))])
         } else {
             from_vec(shape, super::broadcast::sum_to(flat(x), x.shape(), shape))
         };

@@ -365,3 +365,43 @@ fn evaluation_with_more_steps_than_training_uses_learned_rates() {
     let (l5, _) = learner.evaluate(&tasks[0], 5, NormMode::Transductive);
     assert!(l5 < l0);
 }
+
+#[test]
+fn batched_task_chunks_give_the_per_task_meta_gradient() {
+    let batch = SinusoidSampler::new(10, 10, 18)
+        .unwrap()
+        .sample_batch(11)
+        .unwrap();
+    let tasks = Task::<f64>::from_sinusoid(&batch);
+    for rule in [
+        InnerRule::Sgd,
+        InnerRule::MetaSgd,
+        InnerRule::PerLayerPerStep,
+        InnerRule::HeadOnly,
+    ] {
+        for order in [Order::Second, Order::First] {
+            let mut learner = MetaLearner::<f64, _>::new(
+                Mlp::sinusoid(),
+                MetaConfig::maml(3, 0.02).with_rule(rule).with_order(order),
+                19,
+            );
+            learner.config.task_chunk = 1;
+            let (g1, s1, _) = learner.meta_gradient(&tasks).unwrap();
+            learner.config.task_chunk = 4;
+            let (g4, s4, _) = learner.meta_gradient(&tasks).unwrap();
+            assert!(
+                (s1.loss - s4.loss).abs() < 1e-12,
+                "{rule:?} {order:?}: loss {} vs {}",
+                s1.loss,
+                s4.loss
+            );
+            for (a, b) in g1.iter().zip(&g4) {
+                let d = metagrad::check::max_abs_diff(a, b);
+                assert!(
+                    d < 1e-12,
+                    "{rule:?} {order:?}: meta-gradients differ by {d:e}"
+                );
+            }
+        }
+    }
+}

@@ -97,8 +97,13 @@ pub struct MetaConfig {
     pub multi_step_loss: Option<u64>,
     /// How batch norms normalise during meta-training (usually [`NormMode::Train`]).
     pub train_mode: NormMode,
-    /// At most this many tasks run at once.
+    /// At most this many tasks (or task chunks) run at once.
     pub parallel_iterations: usize,
+    /// For models that [batch tasks](Model::batches_tasks): how many tasks share one tape
+    /// and run as one batched computation. Small tasks (sinusoids) are dominated by
+    /// per-op overhead, which this divides by the chunk size. The chunking depends only on
+    /// this number, never on the thread count, so results stay thread-independent.
+    pub task_chunk: usize,
 }
 
 impl MetaConfig {
@@ -112,6 +117,7 @@ impl MetaConfig {
             multi_step_loss: None,
             train_mode: NormMode::Train,
             parallel_iterations: usize::MAX,
+            task_chunk: 8,
         }
     }
 
@@ -392,13 +398,41 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         tasks: &[Task<F>],
     ) -> Result<(Vec<ArrayD<F>>, StepStats, Vec<Observed<F>>)> {
         let second_order = self.config.order.second_order_at(self.step);
-        let per_task = map_tasks(tasks.len(), self.config.parallel_iterations, |i| {
-            let task = &tasks[i];
+        let chunk = if self.model.batches_tasks() && tasks.iter().all(Task::is_regression) {
+            self.config.task_chunk.max(1)
+        } else {
+            1
+        };
+        let groups: Vec<&[Task<F>]> = tasks.chunks(chunk).collect();
+        let per_task = map_tasks(groups.len(), self.config.parallel_iterations, |i| {
+            let group = groups[i];
             let mut t = Tape::new();
             let theta = self.params.place(&mut t);
             let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
-            let (loss, out) = self.task_loss(&mut t, &theta, task, second_order, &mut ctx);
-            let acc = task.query_y.accuracy(t.value(out));
+            let (loss, acc) = if group.len() == 1 {
+                let (loss, out) = self.task_loss(&mut t, &theta, &group[0], second_order, &mut ctx);
+                (loss, group[0].query_y.accuracy(t.value(out)))
+            } else {
+                // A chunk of tasks as one batched computation: each meta-parameter is
+                // broadcast to a stack of per-task copies, and the loss is the sum of the
+                // tasks' losses, so the inner gradient of each copy is its task's own.
+                let c = group.len();
+                let stacked: Vec<Var> = theta[..self.net_len]
+                    .iter()
+                    .map(|&p| {
+                        let shape = t.shape(p).to_vec();
+                        let mut one = vec![1];
+                        one.extend(&shape);
+                        let p1 = t.reshape(p, &one);
+                        one[0] = c;
+                        t.broadcast_to(p1, &one)
+                    })
+                    .chain(theta[self.net_len..].iter().copied())
+                    .collect();
+                let batch = Task::stack(group);
+                let (loss, _) = self.task_loss(&mut t, &stacked, &batch, second_order, &mut ctx);
+                (loss, None)
+            };
             let value = t.item(loss);
             let grads = t.grad(loss, &theta, false);
             let grads: Vec<ArrayD<F>> = grads.into_iter().map(|g| t.take(g)).collect();
@@ -414,6 +448,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let mut loss = 0.0;
         let mut acc_sum = 0.0;
         let mut has_acc = false;
+        // Each entry's loss is the sum over its tasks (one task, or a chunk).
         let mut observed = Vec::new();
         for (g, l, a, obs) in per_task {
             for (acc, gi) in grads.iter_mut().zip(&g) {

@@ -19,6 +19,35 @@ pub struct Task<F> {
 }
 
 impl<F: Float> Task<F> {
+    /// Whether the targets are regression values.
+    pub fn is_regression(&self) -> bool {
+        matches!(self.support_y, Targets::Values(_)) && matches!(self.query_y, Targets::Values(_))
+    }
+
+    /// Regression tasks of equal shapes stacked along a new dimension 0, as one task
+    /// whose targets are [`Targets::StackedValues`] (for models that batch tasks).
+    ///
+    /// # Panics
+    /// If a task is not a regression task or the shapes differ.
+    pub fn stack(tasks: &[Task<F>]) -> Task<F> {
+        let stack = |get: &dyn Fn(&Task<F>) -> &ArrayD<F>| -> ArrayD<F> {
+            let views: Vec<_> = tasks.iter().map(|t| get(t).view()).collect();
+            ndarray::stack(Axis(0), &views).expect("tasks of one shape")
+        };
+        fn values<F>(y: &Targets<F>) -> &ArrayD<F> {
+            match y {
+                Targets::Values(v) => v,
+                _ => panic!("metagrad::Task::stack: only regression tasks can be stacked"),
+            }
+        }
+        Task {
+            support_x: stack(&|t| &t.support_x),
+            support_y: Targets::StackedValues(stack(&|t| values(&t.support_y))),
+            query_x: stack(&|t| &t.query_x),
+            query_y: Targets::StackedValues(stack(&|t| values(&t.query_y))),
+        }
+    }
+
     /// One regression task per row of a sinusoid meta-batch.
     pub fn from_sinusoid(batch: &SinusoidBatch) -> Vec<Task<F>> {
         (0..batch.len())

@@ -37,6 +37,13 @@ pub trait Model<F: Float>: Send + Sync {
     fn needs_context(&self) -> bool {
         false
     }
+    /// Whether [`Model::forward`] also takes a stack of tasks: input `[T, N, ...]` with
+    /// every parameter stacked along a leading task dimension `T`, computing each task
+    /// with its own parameters in one pass (as `vmap` would). The meta-learners then run
+    /// small tasks in chunks on one tape ([`MetaConfig::task_chunk`](crate::meta::MetaConfig)).
+    fn batches_tasks(&self) -> bool {
+        false
+    }
 }
 
 /// Task targets: class indices (softmax cross-entropy) or values (mean-squared error).
@@ -46,6 +53,10 @@ pub enum Targets<F> {
     Classes(Vec<usize>),
     /// Regression targets, shaped like the network's output.
     Values(ArrayD<F>),
+    /// Regression targets of several tasks stacked along dimension 0 (a task batch):
+    /// the loss is the *sum* over tasks of each task's mean-squared error, so its
+    /// gradient with respect to stacked per-task parameters is each task's own gradient.
+    StackedValues(ArrayD<F>),
 }
 
 impl<F: Float> Targets<F> {
@@ -57,6 +68,14 @@ impl<F: Float> Targets<F> {
             Targets::Values(v) => {
                 let y = t.constant(v.clone());
                 t.mse(output, y)
+            }
+            Targets::StackedValues(v) => {
+                let per_task = v.len() / v.shape().first().copied().unwrap_or(1).max(1);
+                let y = t.constant(v.clone());
+                let d = t.sub(output, y);
+                let d2 = t.square(d);
+                let s = t.sum(d2);
+                t.mul_scalar(s, 1.0 / per_task.max(1) as f64)
             }
         }
     }
@@ -124,9 +143,18 @@ impl<F: Float> Model<F> for Mlp {
 
     fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, _ctx: &mut Ctx<'_, F>) -> Var {
         let layers = self.sizes.len() - 1;
+        let batched = t.shape(x).len() == 3;
         let mut h = x;
         for i in 0..layers {
-            h = linear(t, h, p[2 * i], p[2 * i + 1]);
+            h = if batched {
+                // A stack of tasks: x [T, N, in], w [T, out, in], b [T, out].
+                let y = t.matmul_t(h, p[2 * i], false, true);
+                let s = t.shape(p[2 * i + 1]).to_vec();
+                let b = t.reshape(p[2 * i + 1], &[s[0], 1, s[1]]);
+                t.add(y, b)
+            } else {
+                linear(t, h, p[2 * i], p[2 * i + 1])
+            };
             if i + 1 < layers {
                 h = t.relu(h);
             }
@@ -137,6 +165,10 @@ impl<F: Float> Model<F> for Mlp {
     fn head(&self) -> Vec<usize> {
         let n = 2 * (self.sizes.len() - 1);
         vec![n - 2, n - 1]
+    }
+
+    fn batches_tasks(&self) -> bool {
+        true
     }
 }
 

@@ -7,6 +7,34 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, Ix2, Ix3};
 use std::any::TypeId;
 
+/// Products up to this many multiply-adds skip the blocked kernels, whose set-up costs
+/// more than the arithmetic at the sizes of sinusoid MLPs.
+const SMALL: usize = 32 * 1024;
+
+/// `c = a b + beta·c` by rows, for small products with row-contiguous `b` and `c`.
+fn small_gemm<F: Float>(
+    a: ArrayView2<'_, F>,
+    b: ArrayView2<'_, F>,
+    c: &mut ArrayViewMut2<'_, F>,
+    beta: F,
+) {
+    let k = a.ncols();
+    for (i, mut crow) in c.rows_mut().into_iter().enumerate() {
+        let crow = crow.as_slice_mut().expect("row-contiguous output");
+        if beta == F::zero() {
+            crow.fill(F::zero());
+        } else if beta != F::one() {
+            crow.iter_mut().for_each(|v| *v *= beta);
+        }
+        for p in 0..k {
+            let aip = a[[i, p]];
+            let brow = b.row(p);
+            let brow = brow.as_slice().expect("row-contiguous operand");
+            crow.iter_mut().zip(brow).for_each(|(c, &b)| *c += aip * b);
+        }
+    }
+}
+
 /// `c = op(a) op(b) + beta·c` into a row-major output, `op` transposing where the flag is
 /// set (the views may be strided or transposed; no copy is made).
 ///
@@ -31,6 +59,10 @@ pub(crate) fn gemm<F: Float>(
     );
     if k == 0 || m == 0 || n == 0 {
         c.mapv_inplace(|v| v * beta);
+        return;
+    }
+    if m * n * k <= SMALL && b.strides()[1] == 1 && c.strides()[1] == 1 {
+        small_gemm(a, b, c, beta);
         return;
     }
     let is = |t: TypeId| TypeId::of::<F>() == t;

@@ -3,7 +3,7 @@
 //! what one timed step contains).
 //!
 //! ```text
-//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N]
+//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N]
 //! ```
 //!
 //! One timed step: every task's inner loop, query loss and meta-gradient, plus the outer
@@ -180,8 +180,12 @@ fn run<M: Model<f32> + Clone>(
     steps: usize,
     warmup: usize,
     threads: usize,
+    chunk: Option<usize>,
 ) {
     let mut config = MetaConfig::maml(w.inner_steps, w.inner_lr);
+    if let Some(c) = chunk {
+        config.task_chunk = c;
+    }
     if !w.second_order {
         config = config.with_order(Order::First);
     }
@@ -226,6 +230,7 @@ fn run<M: Model<f32> + Clone>(
 fn main() {
     let mut only: Vec<String> = Vec::new();
     let (mut steps, mut warmup, mut threads) = (20usize, 3usize, 2usize);
+    let mut chunk = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |what: &str| -> usize {
@@ -239,10 +244,11 @@ fn main() {
             "--steps" => steps = num("--steps").max(1),
             "--warmup" => warmup = num("--warmup"),
             "--threads" => threads = num("--threads").max(1),
+            "--task-chunk" => chunk = Some(num("--task-chunk").max(1)),
             "--bench" => {}
             other if !other.starts_with("--") && !only.is_empty() => only.push(other.to_string()),
             other => {
-                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N]");
+                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N]");
                 std::process::exit(2);
             }
         }
@@ -276,6 +282,7 @@ fn main() {
                     steps,
                     warmup,
                     threads,
+                    chunk,
                 );
             } else {
                 run(
@@ -285,6 +292,7 @@ fn main() {
                     steps,
                     warmup,
                     threads,
+                    chunk,
                 );
             }
         }

@@ -204,7 +204,14 @@ fn matmul_plain_transposed_and_batched() {
 
 #[test]
 fn convolution_forward_and_its_adjoints() {
-    for &(stride, pad, h, k) in &[(1, 1, 5, 3), (2, 0, 6, 3), (2, 1, 5, 3), (1, 0, 4, 2)] {
+    for &(stride, pad, h, k) in &[
+        (1, 1, 5, 3),
+        (2, 0, 6, 3),
+        (2, 1, 5, 3),
+        (1, 0, 4, 2),
+        (3, 2, 7, 3),
+        (1, 2, 4, 3),
+    ] {
         let x = rnd(&[2, 2, h, h], 30 + h as u64);
         let w = rnd(&[3, 2, k, k], 40 + k as u64);
         check(

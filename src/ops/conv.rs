@@ -15,36 +15,51 @@ use crate::Float;
 use ndarray::{ArrayView2, ArrayViewMut2};
 use std::sync::Arc;
 
+/// The output columns `lo..hi` whose input column `ow·stride + j − pad` lies inside
+/// `0..w`, for kernel column `j`.
+fn valid_cols(wo: usize, w: usize, stride: usize, pad: usize, j: usize) -> (usize, usize) {
+    let lo = if pad > j {
+        (pad - j).div_ceil(stride)
+    } else {
+        0
+    };
+    let hi = if w + pad > j {
+        ((w + pad - j - 1) / stride + 1).min(wo)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
 /// Unfolds one sample `[C, H, W]` into columns `[C·kh·kw, Ho·Wo]`.
 fn im2col<F: Float>(x: &[F], g: &ConvGeom, cols: &mut [F]) {
-    let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad as isize);
-    let (h, w) = (g.h as isize, g.w as isize);
+    let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad);
     let mut rows = cols.chunks_exact_mut(ho * wo);
     for c in 0..g.c {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let row = rows.next().expect("im2col rows");
+                let (lo, hi) = valid_cols(wo, g.w, s, p, j);
                 for oh in 0..ho {
-                    let ih = (oh * s + i) as isize - p;
                     let dst = &mut row[oh * wo..(oh + 1) * wo];
-                    if ih < 0 || ih >= h {
+                    let ih = oh * s + i;
+                    if ih < p || ih - p >= g.h {
                         dst.fill(F::zero());
                         continue;
                     }
-                    let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    if s == 1 && p <= j as isize && (wo as isize - 1 + j as isize - p) < w {
-                        let start = (j as isize - p) as usize;
-                        dst.copy_from_slice(&src[start..start + wo]);
-                        continue;
-                    }
-                    for (ow, d) in dst.iter_mut().enumerate() {
-                        let iw = (ow * s + j) as isize - p;
-                        *d = if iw < 0 || iw >= w {
-                            F::zero()
+                    let src = &plane[(ih - p) * g.w..(ih - p + 1) * g.w];
+                    dst[..lo].fill(F::zero());
+                    dst[hi..].fill(F::zero());
+                    if lo < hi {
+                        let first = lo * s + j - p;
+                        if s == 1 {
+                            dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
                         } else {
-                            src[iw as usize]
-                        };
+                            for (k, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[first + k * s];
+                            }
+                        }
                     }
                 }
             }
@@ -55,8 +70,7 @@ fn im2col<F: Float>(x: &[F], g: &ConvGeom, cols: &mut [F]) {
 /// Folds columns `[C·kh·kw, Ho·Wo]` back into one sample `[C, H, W]`, adding overlaps
 /// (the adjoint of [`im2col`]).
 fn col2im<F: Float>(cols: &[F], g: &ConvGeom, x: &mut [F]) {
-    let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad as isize);
-    let (h, w) = (g.h as isize, g.w as isize);
+    let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad);
     x.fill(F::zero());
     let mut rows = cols.chunks_exact(ho * wo);
     for c in 0..g.c {
@@ -64,16 +78,26 @@ fn col2im<F: Float>(cols: &[F], g: &ConvGeom, x: &mut [F]) {
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let row = rows.next().expect("col2im rows");
+                let (lo, hi) = valid_cols(wo, g.w, s, p, j);
+                if lo >= hi {
+                    continue;
+                }
                 for oh in 0..ho {
-                    let ih = (oh * s + i) as isize - p;
-                    if ih < 0 || ih >= h {
+                    let ih = oh * s + i;
+                    if ih < p || ih - p >= g.h {
                         continue;
                     }
-                    let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    for (ow, &v) in row[oh * wo..(oh + 1) * wo].iter().enumerate() {
-                        let iw = (ow * s + j) as isize - p;
-                        if iw >= 0 && iw < w {
-                            dst[iw as usize] += v;
+                    let dst = &mut plane[(ih - p) * g.w..(ih - p + 1) * g.w];
+                    let src = &row[oh * wo + lo..oh * wo + hi];
+                    let first = lo * s + j - p;
+                    if s == 1 {
+                        dst[first..first + hi - lo]
+                            .iter_mut()
+                            .zip(src)
+                            .for_each(|(d, &v)| *d += v);
+                    } else {
+                        for (k, &v) in src.iter().enumerate() {
+                            dst[first + k * s] += v;
                         }
                     }
                 }

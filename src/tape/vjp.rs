@@ -79,6 +79,10 @@ pub(super) fn vjp<F: Float>(
                 t.zeros(&s) // d(a⁰)/da is exactly zero, not a missing rule
             }
             1 => g,
+            2 => {
+                let d = t.mul_scalar(*a, 2.0);
+                t.mul(g, d)
+            }
             n => {
                 let p = t.powi(*a, n - 1);
                 let p = t.mul_scalar(p, n as f64);

@@ -77,7 +77,9 @@ impl<F: Float> Tape<F> {
         let first = wrt.iter().map(|w| w.0).min().unwrap_or(n);
         for i in first..n {
             if !needed[i] && self.nodes[i].requires_grad {
-                needed[i] = self.nodes[i].op.inputs().iter().any(|v| needed[v.0]);
+                let mut any = false;
+                self.nodes[i].op.for_each_input(|v| any |= needed[v.0]);
+                needed[i] = any;
             }
         }
 
@@ -97,9 +99,11 @@ impl<F: Float> Tape<F> {
             if !wrt.contains(&Var(i)) {
                 grads[i] = None; // consumed; leaves keep theirs for the result
             }
-            let op = self.nodes[i].op.clone();
+            // Borrow the op out of its node while its rule records new nodes.
+            let op = std::mem::replace(&mut self.nodes[i].op, Op::Leaf);
             contribs.clear();
             vjp::vjp(self, &op, Var(i), g, &|v: Var| needed[v.0], &mut contribs);
+            self.nodes[i].op = op;
             for &(input, gi) in contribs.iter() {
                 grads[input.0] = Some(match grads[input.0] {
                     None => gi,
@@ -148,14 +152,25 @@ impl<F: Float> Tape<F> {
 }
 
 impl Op {
-    /// The nodes this op reads.
-    pub fn inputs(&self) -> Vec<Var> {
+    /// Calls `f` on each node this op reads.
+    pub fn for_each_input(&self, mut f: impl FnMut(Var)) {
         match self {
-            Op::Leaf => vec![],
-            Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) => vec![*a, *b],
-            Op::MatMul { a, b, .. } => vec![*a, *b],
+            Op::Concat(vs, _) => vs.iter().for_each(|&v| f(v)),
+            op => {
+                let (a, b) = op.operands();
+                a.into_iter().chain(b).for_each(f);
+            }
+        }
+    }
+
+    /// Up to two operands (every op but `Concat`, whose inputs are a list).
+    fn operands(&self) -> (Option<Var>, Option<Var>) {
+        match self {
+            Op::Leaf | Op::Concat(..) => (None, None),
+            Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) => (Some(*a), Some(*b)),
+            Op::MatMul { a, b, .. } => (Some(*a), Some(*b)),
             Op::Conv2d(a, b, _) | Op::Conv2dInputGrad(a, b, _) | Op::Conv2dWeightGrad(a, b, _) => {
-                vec![*a, *b]
+                (Some(*a), Some(*b))
             }
             Op::Neg(a)
             | Op::AddScalar(a, _)
@@ -173,8 +188,14 @@ impl Op {
             | Op::Permute(a, _)
             | Op::Gather(a, _)
             | Op::ScatterAdd(a, _)
-            | Op::LogSoftmax(a) => vec![*a],
-            Op::Concat(vs, _) => vs.clone(),
+            | Op::LogSoftmax(a) => (Some(*a), None),
         }
+    }
+
+    /// The nodes this op reads.
+    pub fn inputs(&self) -> Vec<Var> {
+        let mut v = Vec::with_capacity(2);
+        self.for_each_input(|x| v.push(x));
+        v
     }
 }

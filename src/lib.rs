@@ -2,11 +2,13 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod eval;
+mod float;
 pub mod map_fn;
 pub mod meta;
-mod float;
 pub mod nn;
 pub mod ops;
 pub mod tape;

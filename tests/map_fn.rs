@@ -1,5 +1,8 @@
 //! The meta-batch mapper: order, gradients, thread-count independence, and errors.
 
+// Inputs are written `&[w.clone()]` for uniformity with multi-input calls.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
 use metagrad::check::max_abs_diff;
 use metagrad::map_fn::{with_threads, MapFn};
 use metagrad::{Error, Tape, Var};

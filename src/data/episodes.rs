@@ -440,6 +440,13 @@ impl<'a> EpisodeSampler<'a> {
         self.collection
     }
 
+    /// The random number generator's current state: saved in a checkpoint, it lets
+    /// [`with_rng`](Self::with_rng) continue with exactly the episodes this sampler would
+    /// draw next.
+    pub fn rng(&self) -> &Rng {
+        &self.rng
+    }
+
     /// Draws the next episode.
     pub fn sample(&mut self) -> Episode {
         let plan = self.plan();

@@ -103,7 +103,12 @@ pub struct MetaConfig {
     /// and run as one batched computation. Small tasks (sinusoids) are dominated by
     /// per-op overhead, which this divides by the chunk size. The chunking depends only on
     /// this number, never on the thread count, so results stay thread-independent.
+    #[serde(default = "default_task_chunk")]
     pub task_chunk: usize,
+}
+
+fn default_task_chunk() -> usize {
+    8
 }
 
 impl MetaConfig {
@@ -117,7 +122,7 @@ impl MetaConfig {
             multi_step_loss: None,
             train_mode: NormMode::Train,
             parallel_iterations: usize::MAX,
-            task_chunk: 8,
+            task_chunk: default_task_chunk(),
         }
     }
 

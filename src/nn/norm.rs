@@ -201,6 +201,9 @@ fn check_norm_input<F: Float>(t: &Tape<F>, name: &str, x: Var, gamma: Var, beta:
     );
 }
 
+/// Per-channel `(mean, unbiased variance)` of a batch.
+pub type ChannelStats<F> = (Vec<F>, Vec<F>);
+
 /// Batch normalisation over every axis but the channel axis 1 (`[N, C]` or
 /// `[N, C, H, W]`), with learnable per-channel `gamma` and `beta`.
 ///
@@ -221,7 +224,7 @@ pub fn batch_norm<F: Float>(
     mode: NormMode,
     running: Option<&RunningStats<F>>,
     eps: f64,
-) -> (Var, Option<(Vec<F>, Vec<F>)>) {
+) -> (Var, Option<ChannelStats<F>>) {
     check_norm_input(t, "batch_norm", x, gamma, beta);
     let shape = t.shape(x).to_vec();
     let cs = channel_shape(&shape);
@@ -277,7 +280,7 @@ pub fn group_norm<F: Float>(
     check_norm_input(t, "group_norm", x, gamma, beta);
     let shape = t.shape(x).to_vec();
     assert!(
-        groups > 0 && shape[1] % groups == 0,
+        groups > 0 && shape[1].is_multiple_of(groups),
         "metagrad::group_norm: {} channels (input {shape:?}) do not split into {groups} groups",
         shape[1]
     );

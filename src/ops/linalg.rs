@@ -11,28 +11,119 @@ use std::any::TypeId;
 /// more than the arithmetic at the sizes of sinusoid MLPs.
 const SMALL: usize = 32 * 1024;
 
-/// `c = a b + beta·c` by rows, for small products with row-contiguous `b` and `c`.
+/// `c = a b + beta·c` for small products, without the blocked kernels' set-up: an axpy
+/// loop when rows of `b` are contiguous, dot products when rows of `a` and columns of `b`
+/// are, plain loops otherwise. `c` has contiguous rows.
 fn small_gemm<F: Float>(
     a: ArrayView2<'_, F>,
     b: ArrayView2<'_, F>,
     c: &mut ArrayViewMut2<'_, F>,
     beta: F,
 ) {
-    let k = a.ncols();
-    for (i, mut crow) in c.rows_mut().into_iter().enumerate() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { small_gemm_avx512(a, b, c, beta) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { small_gemm_avx2(a, b, c, beta) };
+        }
+    }
+    small_gemm_body(a, b, c, beta)
+}
+
+/// [`small_gemm_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn small_gemm_avx512<F: Float>(
+    a: ArrayView2<'_, F>,
+    b: ArrayView2<'_, F>,
+    c: &mut ArrayViewMut2<'_, F>,
+    beta: F,
+) {
+    small_gemm_body(a, b, c, beta)
+}
+
+/// [`small_gemm_body`] compiled for AVX2 with FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn small_gemm_avx2<F: Float>(
+    a: ArrayView2<'_, F>,
+    b: ArrayView2<'_, F>,
+    c: &mut ArrayViewMut2<'_, F>,
+    beta: F,
+) {
+    small_gemm_body(a, b, c, beta)
+}
+
+#[inline(always)]
+fn small_gemm_body<F: Float>(
+    a: ArrayView2<'_, F>,
+    b: ArrayView2<'_, F>,
+    c: &mut ArrayViewMut2<'_, F>,
+    beta: F,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (sa0, sa1) = (a.strides()[0], a.strides()[1]);
+    let (sb0, sb1) = (b.strides()[0], b.strides()[1]);
+    // SAFETY: every offset below is that of an element (i, p) with i < m, p < k of `a`, or
+    // (p, j) with p < k, j < n of `b`, so it lies inside the view's allocation; the
+    // slices made from raw parts span elements of one row (stride 1) or one column
+    // (stride 1) of a view. `c` is a distinct, mutably borrowed array.
+    let at = |i: usize, p: usize| unsafe { *pa.offset(i as isize * sa0 + p as isize * sa1) };
+    for i in 0..m {
+        let mut crow = c.row_mut(i);
         let crow = crow.as_slice_mut().expect("row-contiguous output");
         if beta == F::zero() {
             crow.fill(F::zero());
         } else if beta != F::one() {
             crow.iter_mut().for_each(|v| *v *= beta);
         }
-        for p in 0..k {
-            let aip = a[[i, p]];
-            let brow = b.row(p);
-            let brow = brow.as_slice().expect("row-contiguous operand");
-            crow.iter_mut().zip(brow).for_each(|(c, &b)| *c += aip * b);
+        if sb1 == 1 {
+            for p in 0..k {
+                let aip = at(i, p);
+                let brow = unsafe { std::slice::from_raw_parts(pb.offset(p as isize * sb0), n) };
+                crow.iter_mut().zip(brow).for_each(|(c, &b)| *c += aip * b);
+            }
+        } else if sa1 == 1 && sb0 == 1 {
+            let arow = unsafe { std::slice::from_raw_parts(pa.offset(i as isize * sa0), k) };
+            for (j, cj) in crow.iter_mut().enumerate() {
+                let bcol = unsafe { std::slice::from_raw_parts(pb.offset(j as isize * sb1), k) };
+                *cj += dot(arow, bcol);
+            }
+        } else {
+            for (j, cj) in crow.iter_mut().enumerate() {
+                let mut acc = F::zero();
+                for p in 0..k {
+                    acc += at(i, p) * unsafe { *pb.offset(p as isize * sb0 + j as isize * sb1) };
+                }
+                *cj += acc;
+            }
         }
     }
+}
+
+/// A dot product with sixteen running sums (so the loop vectorises).
+#[inline(always)]
+fn dot<F: Float>(x: &[F], y: &[F]) -> F {
+    let mut acc = [F::zero(); 16];
+    let (xc, yc) = (x.chunks_exact(16), y.chunks_exact(16));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (p, q) in xc.zip(yc) {
+        for l in 0..16 {
+            acc[l] += p[l] * q[l];
+        }
+    }
+    let mut s = acc.iter().fold(F::zero(), |s, &v| s + v);
+    for (&p, &q) in xr.iter().zip(yr) {
+        s += p * q;
+    }
+    s
 }
 
 /// `c = op(a) op(b) + beta·c` into a row-major output, `op` transposing where the flag is
@@ -61,7 +152,7 @@ pub(crate) fn gemm<F: Float>(
         c.mapv_inplace(|v| v * beta);
         return;
     }
-    if m * n * k <= SMALL && b.strides()[1] == 1 && c.strides()[1] == 1 {
+    if m * n * k <= SMALL && c.strides()[1] == 1 {
         small_gemm(a, b, c, beta);
         return;
     }

@@ -1,0 +1,617 @@
+//! Checkpoints: everything needed to resume meta-training bit for bit.
+//!
+//! A [`Checkpoint`] holds the meta-parameters, the running normalisation statistics, the
+//! outer optimiser with its state (Adam moments), the meta-step count, the
+//! [`MetaConfig`], and the state of the task sampler's random number generator. Resuming
+//! from one gives **bitwise** the same parameters as a run that was never interrupted
+//! (see `tests/checkpoint.rs`).
+//!
+//! # File format
+//!
+//! One JSON document (via serde_json) with a header — `"format": "metagrad-checkpoint"`,
+//! `"version"` ([`FORMAT_VERSION`]), `"float"` (`"f32"` or `"f64"`), `"model"` (a
+//! description of the network, its `Debug` form) — then `step`, `config`, `rng`, and the
+//! tensors. Tensors are stored as their IEEE-754 bit patterns, 8 (f32) or 16 (f64)
+//! lowercase hex digits per element, most significant digit first (`3f800000` is
+//! `1.0f32`): serde_json's default float parser is best-effort and does not read every
+//! `f64` back exactly, while bit patterns always round-trip. The scalar hyper-parameters
+//! (learning rates, betas) stay readable numbers; [`Checkpoint::save`] checks that the
+//! written text reads back to exactly what was saved, and fails — before touching any
+//! file — when it would not.
+//!
+//! # Atomic writes
+//!
+//! [`Checkpoint::save`] writes to a fresh temporary file in the target's directory
+//! (`.NAME.tmp.PID.N`, created exclusively), flushes it to disk (`sync_all`), then renames
+//! it over the target and syncs the directory. A crash at any point leaves either the old
+//! complete checkpoint or the new complete one, never a partial file (at worst a stray
+//! `.NAME.tmp.*` file, which is never read); on an error the temporary file is removed.
+//! Concurrent saves to the same path each use their own temporary file; the last rename
+//! wins.
+//!
+//! # Example
+//!
+//! ```
+//! use metagrad::checkpoint::Checkpoint;
+//! use metagrad::data::rng_from_seed;
+//! use metagrad::meta::{MetaConfig, MetaLearner, Optimizer};
+//! use metagrad::nn::Mlp;
+//! let dir = std::env::temp_dir().join(format!("metagrad-doc-ckpt-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let path = dir.join("checkpoint.json");
+//!
+//! let learner = MetaLearner::<f32, _>::new(Mlp::sinusoid(), MetaConfig::maml(1, 0.01), 0);
+//! let opt = Optimizer::adam(1e-3);
+//! Checkpoint::capture(&learner, &opt, &rng_from_seed(7)).save(&path)?;
+//!
+//! // Later, in a fresh process: build the same model, then restore into it.
+//! let mut fresh = MetaLearner::<f32, _>::new(Mlp::sinusoid(), MetaConfig::maml(1, 0.01), 1);
+//! let (opt2, rng) = Checkpoint::load(&path)?.restore(&mut fresh)?;
+//! assert_eq!(fresh.params, learner.params);
+//! assert_eq!(opt2, opt);
+//! assert_eq!(rng, rng_from_seed(7));
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok::<(), metagrad::Error>(())
+//! ```
+
+use crate::data::Rng;
+use crate::meta::{MetaConfig, MetaLearner, Optimizer, Rule};
+use crate::nn::{Model, NormState, Params, RunningStats};
+use crate::{Error, Float, Result};
+use ndarray::{ArrayD, IxDyn};
+use serde::{Deserialize, Serialize};
+use std::fmt::Debug;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The version of the file format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The value of the `"format"` field that marks a metagrad checkpoint.
+const FORMAT_NAME: &str = "metagrad-checkpoint";
+
+/// The state of a meta-training run (see the [module docs](self)).
+///
+/// Build one with [`Checkpoint::capture`], write it with [`Checkpoint::save`], read it
+/// with [`Checkpoint::load`] and put it back with [`Checkpoint::restore`].
+#[derive(Debug, Clone)]
+pub struct Checkpoint<F: Float> {
+    /// Description of the network the parameters belong to: its `Debug` form, e.g.
+    /// `Mlp { sizes: [1, 40, 40, 1] }`. [`restore`](Self::restore) refuses a learner
+    /// whose model describes itself differently.
+    pub model: String,
+    /// The meta-parameters (network weights, then any learned inner rates).
+    pub params: Params<F>,
+    /// Running batch-norm statistics.
+    pub norm: NormState<F>,
+    /// The outer optimiser with its state.
+    pub optimizer: Optimizer<F>,
+    /// Meta-steps taken.
+    pub step: u64,
+    /// The meta-training hyper-parameters.
+    pub config: MetaConfig,
+    /// The state of the task sampler's random number generator, so that resuming draws
+    /// the same tasks an uninterrupted run would.
+    pub rng: Rng,
+    /// Where this checkpoint was loaded from (not stored in the file); named in
+    /// [`restore`](Self::restore)'s errors.
+    origin: Option<PathBuf>,
+}
+
+/// Name of a float type in the file header.
+fn float_name<F: Float>() -> &'static str {
+    match std::mem::size_of::<F>() {
+        4 => "f32",
+        _ => "f64",
+    }
+}
+
+/// The description of a model stored in checkpoints: its `Debug` form.
+pub fn describe_model<M: Debug>(model: &M) -> String {
+    format!("{model:?}")
+}
+
+impl<F: Float> Checkpoint<F> {
+    /// Snapshot of a learner (parameters, running statistics, step, config), its outer
+    /// optimiser, and the task sampler's random number generator.
+    pub fn capture<M: Model<F> + Debug>(
+        learner: &MetaLearner<F, M>,
+        optimizer: &Optimizer<F>,
+        rng: &Rng,
+    ) -> Self {
+        Checkpoint {
+            model: describe_model(&learner.model),
+            params: learner.params.clone(),
+            norm: learner.norm.clone(),
+            optimizer: optimizer.clone(),
+            step: learner.step,
+            config: learner.config.clone(),
+            rng: rng.clone(),
+            origin: None,
+        }
+    }
+
+    /// Where this checkpoint was loaded from, if it was.
+    pub fn origin(&self) -> Option<&Path> {
+        self.origin.as_deref()
+    }
+
+    /// Whether the checkpoint fits `learner`: the same model description, the same
+    /// parameter names and shapes, the same batch-norm layout. `Err` says what differs.
+    pub fn check_matches<M: Model<F> + Debug>(
+        &self,
+        learner: &MetaLearner<F, M>,
+    ) -> std::result::Result<(), String> {
+        let here = describe_model(&learner.model);
+        let layout = learner.params.check_same_layout(&self.params);
+        if here != self.model {
+            let detail = match layout {
+                Err(e) => format!(" ({e} in the checkpoint)"),
+                Ok(()) => String::new(),
+            };
+            return Err(format!(
+                "the checkpoint is for a different model: it was saved from `{}`, but the \
+                 learner is `{here}`{detail}",
+                self.model
+            ));
+        }
+        if let Err(e) = layout {
+            return Err(format!(
+                "the checkpoint's parameters do not fit the learner: {e} in the checkpoint \
+                 (saved with inner rule {:?}, the learner uses {:?})",
+                self.config.rule, learner.config.rule
+            ));
+        }
+        let shape = |n: &NormState<F>| -> Vec<Vec<usize>> {
+            n.stats
+                .iter()
+                .map(|l| l.iter().map(|s| s.mean.len()).collect())
+                .collect()
+        };
+        let (mine, theirs) = (shape(&learner.norm), shape(&self.norm));
+        if mine != theirs {
+            return Err(format!(
+                "the checkpoint's batch-norm statistics have layout {theirs:?} (channels per \
+                 layer and step), the learner's {mine:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Puts the checkpoint into `learner` — parameters, running statistics, step count and
+    /// configuration (keeping the learner's `parallel_iterations`, which does not change
+    /// results) — and returns the optimiser and the random number generator to continue
+    /// with.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when the checkpoint does not fit the learner (see
+    /// [`check_matches`](Self::check_matches)); the learner is then unchanged.
+    pub fn restore<M: Model<F> + Debug>(
+        self,
+        learner: &mut MetaLearner<F, M>,
+    ) -> Result<(Optimizer<F>, Rng)> {
+        if let Err(message) = self.check_matches(learner) {
+            return Err(Error::Checkpoint {
+                path: self
+                    .origin
+                    .unwrap_or_else(|| PathBuf::from("(checkpoint in memory)")),
+                message,
+            });
+        }
+        let parallel_iterations = learner.config.parallel_iterations;
+        learner.params = self.params;
+        learner.norm = self.norm;
+        learner.step = self.step;
+        learner.config = MetaConfig {
+            parallel_iterations,
+            ..self.config
+        };
+        Ok((self.optimizer, self.rng))
+    }
+
+    /// Writes the checkpoint to `path` atomically (see the [module docs](self)).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] if the checkpoint cannot be serialised so that it reads back
+    /// exactly (e.g. a NaN hyper-parameter), before any file is touched; [`Error::Io`]
+    /// naming the file if writing or renaming fails (the target is then left as it was).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let text = self.to_json(path)?;
+        write_atomic(path, text.as_bytes())
+    }
+
+    /// The checkpoint as JSON text, checked to read back to exactly this checkpoint.
+    fn to_json(&self, path: &Path) -> Result<String> {
+        let fail = |message: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message,
+        };
+        let file = FileV1::from_checkpoint(self);
+        let text = serde_json::to_string(&file)
+            .map_err(|e| fail(format!("cannot serialise the checkpoint: {e}")))?;
+        // serde_json writes NaN and infinities as `null` and reads some numbers back with
+        // a one-ulp error: make sure what is written loads back as it is.
+        let again = serde_json::from_str::<FileV1>(&text)
+            .ok()
+            .and_then(|f| serde_json::to_string(&f).ok());
+        if again.as_deref() != Some(text.as_str()) {
+            return Err(fail(
+                "the checkpoint would not read back exactly (a hyper-parameter or the \
+                 configuration holds NaN, an infinity, or a number serde_json cannot \
+                 round-trip); nothing was written"
+                    .to_string(),
+            ));
+        }
+        Ok(text)
+    }
+
+    /// Reads a checkpoint written by [`save`](Self::save).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] if there is no file at `path`; [`Error::Io`] if it cannot be
+    /// read; [`Error::Checkpoint`] naming the path if it is not a checkpoint, is corrupt or
+    /// truncated, has another format version, or holds another float type than `F`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                Error::NotFound {
+                    path: path.to_path_buf(),
+                    hint: "No checkpoint has been saved there (check the path, or start \
+                           without resuming)."
+                        .to_string(),
+                }
+            } else {
+                Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        let fail = |message: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message,
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            fail(format!(
+                "not a readable checkpoint ({} bytes; corrupt or truncated?): {e}",
+                bytes.len()
+            ))
+        })?;
+        match value.get("format").and_then(|v| v.as_str()) {
+            Some(FORMAT_NAME) => {}
+            _ => {
+                return Err(fail(format!(
+                    "not a metagrad checkpoint (no \"format\": \"{FORMAT_NAME}\" field)"
+                )))
+            }
+        }
+        match value.get("version").and_then(|v| v.as_u64()) {
+            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(fail(format!(
+                    "format version {v}, but this build of metagrad reads version \
+                     {FORMAT_VERSION}"
+                )))
+            }
+            None => return Err(fail("the format version is missing".to_string())),
+        }
+        let float = value.get("float").and_then(|v| v.as_str()).unwrap_or("?");
+        if float != float_name::<F>() {
+            return Err(fail(format!(
+                "the checkpoint holds {float} tensors, but {} was asked for",
+                float_name::<F>()
+            )));
+        }
+        let file: FileV1 = serde_json::from_value(value)
+            .map_err(|e| fail(format!("malformed checkpoint: {e}")))?;
+        let mut checkpoint = file.into_checkpoint().map_err(fail)?;
+        checkpoint.origin = Some(path.to_path_buf());
+        Ok(checkpoint)
+    }
+}
+
+/// Counter making temporary file names unique within a process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `path` through a synced temporary file in the same directory and a
+/// rename, so that `path` is always either the old or the new complete file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().ok_or_else(|| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: "a checkpoint path must name a file".to_string(),
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| Error::Io { path: p, source }
+    };
+    // Create a temporary file that did not exist before (never clobber another writer's).
+    let (tmp, mut file) = loop {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}.{n}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(&tmp)(e)),
+        }
+    };
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.flush())
+        .and_then(|()| file.sync_all())
+        .map_err(io(&tmp));
+    drop(file);
+    let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(io(path)));
+    if let Err(e) = renamed {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // Make the rename itself durable (directories cannot be opened for syncing on Windows).
+    #[cfg(unix)]
+    if let Ok(d) = fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The on-disk representation (version 1).
+
+/// Elements of a tensor as IEEE-754 bit patterns in hex.
+fn encode<'a, F: Float>(values: impl IntoIterator<Item = &'a F>) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let wide = std::mem::size_of::<F>() == 8;
+    let mut out = Vec::new();
+    for v in values {
+        let (bits, digits) = if wide {
+            (v.f64().to_bits(), 16)
+        } else {
+            (u64::from((v.f64() as f32).to_bits()), 8)
+        };
+        for i in (0..digits).rev() {
+            out.push(HEX[((bits >> (4 * i)) & 0xf) as usize]);
+        }
+    }
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// Inverse of [`encode`]; `Err` if the text is not `len` elements of `F`.
+fn decode<F: Float>(text: &str, len: usize, what: &str) -> std::result::Result<Vec<F>, String> {
+    let digits = 2 * std::mem::size_of::<F>();
+    if text.len() != len * digits {
+        return Err(format!(
+            "{what}: {} hex digits, expected {} ({len} elements of {} digits)",
+            text.len(),
+            len * digits,
+            digits
+        ));
+    }
+    let bytes = text.as_bytes();
+    bytes
+        .chunks_exact(digits)
+        .map(|chunk| {
+            let s = std::str::from_utf8(chunk).map_err(|_| format!("{what}: not hex"))?;
+            let bits = u64::from_str_radix(s, 16).map_err(|_| format!("{what}: not hex: {s:?}"))?;
+            Ok(if digits == 16 {
+                F::c(f64::from_bits(bits))
+            } else {
+                F::c(f64::from(f32::from_bits(bits as u32)))
+            })
+        })
+        .collect()
+}
+
+#[derive(Serialize, Deserialize)]
+struct TensorV1 {
+    shape: Vec<usize>,
+    bits: String,
+}
+
+impl TensorV1 {
+    fn new<F: Float>(a: &ArrayD<F>) -> Self {
+        TensorV1 {
+            shape: a.shape().to_vec(),
+            bits: encode(a.iter()),
+        }
+    }
+
+    fn array<F: Float>(&self, what: &str) -> std::result::Result<ArrayD<F>, String> {
+        let len = self.shape.iter().product();
+        let data = decode(&self.bits, len, what)?;
+        ArrayD::from_shape_vec(IxDyn(&self.shape), data).map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct NamedTensorV1 {
+    name: String,
+    #[serde(flatten)]
+    tensor: TensorV1,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StatsV1 {
+    channels: usize,
+    mean: String,
+    var: String,
+    updates: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct NormV1 {
+    momentum: f64,
+    stats: Vec<Vec<StatsV1>>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum RuleV1 {
+    Sgd,
+    Adam {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        m: Vec<TensorV1>,
+        v: Vec<TensorV1>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct OptimizerV1 {
+    lr: f64,
+    clip_norm: Option<f64>,
+    steps: u64,
+    rule: RuleV1,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileV1 {
+    format: String,
+    version: u32,
+    float: String,
+    model: String,
+    step: u64,
+    config: MetaConfig,
+    rng: Rng,
+    params: Vec<NamedTensorV1>,
+    norm: NormV1,
+    optimizer: OptimizerV1,
+}
+
+impl FileV1 {
+    fn from_checkpoint<F: Float>(c: &Checkpoint<F>) -> Self {
+        let rule = match &c.optimizer.rule {
+            Rule::Sgd => RuleV1::Sgd,
+            Rule::Adam {
+                beta1,
+                beta2,
+                eps,
+                m,
+                v,
+            } => RuleV1::Adam {
+                beta1: *beta1,
+                beta2: *beta2,
+                eps: *eps,
+                m: m.iter().map(TensorV1::new).collect(),
+                v: v.iter().map(TensorV1::new).collect(),
+            },
+        };
+        FileV1 {
+            format: FORMAT_NAME.to_string(),
+            version: FORMAT_VERSION,
+            float: float_name::<F>().to_string(),
+            model: c.model.clone(),
+            step: c.step,
+            config: c.config.clone(),
+            rng: c.rng.clone(),
+            params: c
+                .params
+                .iter()
+                .map(|(name, t)| NamedTensorV1 {
+                    name: name.to_string(),
+                    tensor: TensorV1::new(t),
+                })
+                .collect(),
+            norm: NormV1 {
+                momentum: c.norm.momentum,
+                stats: c
+                    .norm
+                    .stats
+                    .iter()
+                    .map(|layer| {
+                        layer
+                            .iter()
+                            .map(|s| StatsV1 {
+                                channels: s.mean.len(),
+                                mean: encode(&s.mean),
+                                var: encode(&s.var),
+                                updates: s.updates,
+                            })
+                            .collect()
+                    })
+                    .collect(),
+            },
+            optimizer: OptimizerV1 {
+                lr: c.optimizer.lr,
+                clip_norm: c.optimizer.clip_norm,
+                steps: c.optimizer.steps,
+                rule,
+            },
+        }
+    }
+
+    fn into_checkpoint<F: Float>(self) -> std::result::Result<Checkpoint<F>, String> {
+        let mut params = Params::new();
+        for p in &self.params {
+            if params.index_of(&p.name).is_some() {
+                return Err(format!("parameter {} appears twice", p.name));
+            }
+            let what = format!("parameter {}", p.name);
+            params.push(p.name.clone(), p.tensor.array(&what)?);
+        }
+        let mut stats = Vec::new();
+        for (l, layer) in self.norm.stats.iter().enumerate() {
+            let mut sets = Vec::new();
+            for (s, st) in layer.iter().enumerate() {
+                let what = format!("batch-norm statistics of layer {l}, step {s}");
+                sets.push(RunningStats {
+                    mean: decode(&st.mean, st.channels, &what)?,
+                    var: decode(&st.var, st.channels, &what)?,
+                    updates: st.updates,
+                });
+            }
+            stats.push(sets);
+        }
+        let tensors =
+            |ts: &[TensorV1], what: &str| -> std::result::Result<Vec<ArrayD<F>>, String> {
+                ts.iter()
+                    .enumerate()
+                    .map(|(i, t)| t.array(&format!("{what} {i}")))
+                    .collect()
+            };
+        let rule = match &self.optimizer.rule {
+            RuleV1::Sgd => Rule::Sgd,
+            RuleV1::Adam {
+                beta1,
+                beta2,
+                eps,
+                m,
+                v,
+            } => Rule::Adam {
+                beta1: *beta1,
+                beta2: *beta2,
+                eps: *eps,
+                m: tensors(m, "Adam first moment")?,
+                v: tensors(v, "Adam second moment")?,
+            },
+        };
+        Ok(Checkpoint {
+            model: self.model,
+            params,
+            norm: NormState {
+                momentum: self.norm.momentum,
+                stats,
+            },
+            optimizer: Optimizer {
+                lr: self.optimizer.lr,
+                clip_norm: self.optimizer.clip_norm,
+                steps: self.optimizer.steps,
+                rule,
+            },
+            step: self.step,
+            config: self.config,
+            rng: self.rng,
+            origin: None,
+        })
+    }
+}

@@ -266,7 +266,8 @@ fn main() {
             std::process::exit(2);
         }
     }
-    println!("metagrad maml_step  threads={threads}  steps={steps}  warmup={warmup}");
+    let tuned = metagrad::tune_allocator();
+    println!("metagrad maml_step  threads={threads}  steps={steps}  warmup={warmup}  allocator tuned={tuned}");
     let t0 = Instant::now();
     with_threads(threads, || {
         for w in WORKLOADS

@@ -1,6 +1,7 @@
 //! metagrad: few-shot meta-learning on CPU tensors.
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod check;
 pub mod checkpoint;
 pub mod data;
@@ -13,6 +14,7 @@ pub mod nn;
 pub mod ops;
 pub mod tape;
 
+pub use alloc::tune_allocator;
 pub use error::{Error, Result};
 pub use float::Float;
 pub use tape::{Tape, Var};

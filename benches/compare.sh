@@ -33,18 +33,30 @@ fi
 [ ${#only[@]} -gt 0 ] || only=(W1-sin-1step-SO W1-sin-5step-SO W2-omni5w1s-1step-SO W2-omni5w1s-5step-SO W2-omni5w1s-1step-FO W3-omni20w1s-1step-SO)
 cpus=$(seq -s, 0 $((threads - 1)))
 echo "building the bench ..."
-cargo bench --bench maml_step --no-run -q 2>/dev/null || cargo bench --bench maml_step --no-run
-median() { awk -v w="$1" '$1 == w && $2 == "median" { print $3; exit }'; }
-printf '\n%-24s %12s %12s %12s %10s %10s\n' workload "torch s" "jax s" "metagrad s" "vs torch" "vs jax"
+bench=$(cargo bench --bench maml_step --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+[ -x "$bench" ] || { echo "compare.sh: cannot find the maml_step binary" >&2; exit 1; }
+tmp=$(mktemp -d)
+# run NAME CMD...: runs CMD, keeps its output in $tmp/NAME and its peak resident set (MiB)
+# in $tmp/NAME.rss.
+run() {
+  local name="$1"; shift
+  /usr/bin/time -f '%M' -o "$tmp/$name.kb" "$@" > "$tmp/$name" 2>/dev/null || true
+  awk '{ printf "%.0f", $1 / 1024 }' "$tmp/$name.kb" > "$tmp/$name.rss" 2>/dev/null || echo - > "$tmp/$name.rss"
+}
+median() { awk -v w="$1" '$1 == w && $2 == "median" { print $3; exit }' "$2"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }'; }
+printf '\n%-24s %10s %10s %11s %9s %9s %10s %10s\n' workload "torch s" "jax s" "metagrad s" "vs torch" "vs jax" "torch MiB" "ours MiB"
 for w in "${only[@]}"; do
-  t=$("$venv/bin/python" "$ref/maml_torch.py" --threads "$threads" --steps "$steps" --only "$w" 2>/dev/null | median "$w")
+  run torch "$venv/bin/python" "$ref/maml_torch.py" --threads "$threads" --steps "$steps" --only "$w"
   j="-"
   if [ "$jax" = 1 ] && [ "${w#W1}" != "$w" ]; then
-    j=$(taskset -c "$cpus" "$venv/bin/python" "$ref/maml_jax.py" --steps "$steps" --only "$w" 2>/dev/null | median "$w")
+    run jax taskset -c "$cpus" "$venv/bin/python" "$ref/maml_jax.py" --steps "$steps" --only "$w"
+    j=$(median "$w" "$tmp/jax")
   fi
-  m=$(cargo bench -q --bench maml_step -- --threads "$threads" --steps "$steps" --only "$w" 2>/dev/null | median "$w")
-  rt=$(awk -v a="$t" -v b="$m" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }')
-  rj=$(awk -v a="$j" -v b="$m" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }')
-  printf '%-24s %12s %12s %12s %10s %10s\n' "$w" "$t" "$j" "$m" "$rt" "$rj"
+  run ours "$bench" --threads "$threads" --steps "$steps" --only "$w"
+  t=$(median "$w" "$tmp/torch"); m=$(median "$w" "$tmp/ours")
+  printf '%-24s %10s %10s %11s %9s %9s %10s %10s\n' "$w" "$t" "$j" "$m" "$(ratio "$t" "$m")" "$(ratio "$j" "$m")" "$(cat "$tmp/torch.rss")" "$(cat "$tmp/ours.rss")"
 done
-echo "(ratios > 1 mean metagrad is faster; $threads threads each, median of $steps steps)"
+rm -rf "$tmp"
+echo "(ratios > 1 mean metagrad is faster; $threads threads each, median of $steps steps;"
+echo " MiB = peak resident set of the whole process, from /usr/bin/time)"

@@ -101,14 +101,16 @@ pub struct MetaConfig {
     pub parallel_iterations: usize,
     /// For models that [batch tasks](Model::batches_tasks): how many tasks share one tape
     /// and run as one batched computation. Small tasks (sinusoids) are dominated by
-    /// per-op overhead, which this divides by the chunk size. The chunking depends only on
-    /// this number, never on the thread count, so results stay thread-independent.
-    #[serde(default = "default_task_chunk")]
+    /// per-op overhead, which this divides by the chunk size. `0` (the default) means
+    /// half the meta-batch, rounded up: two chunks, enough to keep two cores busy; set it
+    /// smaller to spread a meta-batch over more cores. The chunking depends only on this
+    /// number and the meta-batch size, never on the thread count, so results stay
+    /// thread-independent.
     pub task_chunk: usize,
 }
 
 fn default_task_chunk() -> usize {
-    8
+    0
 }
 
 impl MetaConfig {
@@ -404,7 +406,10 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     ) -> Result<(Vec<ArrayD<F>>, StepStats, Vec<Observed<F>>)> {
         let second_order = self.config.order.second_order_at(self.step);
         let chunk = if self.model.batches_tasks() && tasks.iter().all(Task::is_regression) {
-            self.config.task_chunk.max(1)
+            match self.config.task_chunk {
+                0 => tasks.len().div_ceil(2).max(1),
+                c => c,
+            }
         } else {
             1
         };

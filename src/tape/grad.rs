@@ -85,8 +85,14 @@ impl<F: Float> Tape<F> {
 
         let recording = self.recording;
         self.recording = recording && create_graph;
+        // Without a graph to keep, the backward pass's own nodes are scratch: each one's
+        // value is freed as soon as nothing holds it, so peak memory stays near the
+        // forward pass's. `holds` counts the `grads` entries holding each scratch node.
+        let scratch = !self.recording;
+        let mut holds: Vec<u32> = Vec::new();
         let mut grads: Vec<Option<Var>> = vec![None; n];
         grads[output.0] = Some(seed);
+        hold(&mut holds, start, seed);
         let mut contribs = Vec::with_capacity(4);
         for i in (first..n).rev() {
             if !needed[i] {
@@ -96,19 +102,40 @@ impl<F: Float> Tape<F> {
             if matches!(self.nodes[i].op, Op::Leaf) {
                 continue;
             }
-            if !wrt.contains(&Var(i)) {
-                grads[i] = None; // consumed; leaves keep theirs for the result
+            let consumed = !wrt.contains(&Var(i));
+            if consumed {
+                grads[i] = None; // leaves and other `wrt` keep theirs for the result
             }
             // Borrow the op out of its node while its rule records new nodes.
             let op = std::mem::replace(&mut self.nodes[i].op, Op::Leaf);
             contribs.clear();
+            let before = self.len();
             vjp::vjp(self, &op, Var(i), g, &|v: Var| needed[v.0], &mut contribs);
             self.nodes[i].op = op;
             for &(input, gi) in contribs.iter() {
-                grads[input.0] = Some(match grads[input.0] {
+                let new = match grads[input.0] {
                     None => gi,
-                    Some(prev) => self.add(prev, gi),
-                });
+                    Some(prev) => {
+                        let sum = self.add(prev, gi);
+                        if scratch {
+                            self.release(&mut holds, start, prev);
+                        }
+                        sum
+                    }
+                };
+                grads[input.0] = Some(new);
+                hold(&mut holds, start, new);
+            }
+            if scratch {
+                if consumed {
+                    self.release(&mut holds, start, g);
+                }
+                // Intermediates of this rule (and contributions folded into sums).
+                for k in before..self.len() {
+                    if held(&holds, start, Var(k)) == 0 {
+                        self.free(Var(k));
+                    }
+                }
             }
         }
         self.recording = recording;
@@ -145,9 +172,45 @@ impl<F: Float> Tape<F> {
         values.into_iter().map(|a| self.constant(a)).collect()
     }
 
+    /// Drops one hold on a scratch node, freeing its value when none is left.
+    fn release(&mut self, holds: &mut [u32], start: usize, v: Var) {
+        if v.0 >= start {
+            let h = &mut holds[v.0 - start];
+            *h = h.saturating_sub(1);
+            if *h == 0 {
+                self.free(v);
+            }
+        }
+    }
+
+    /// Replaces a scratch node's value with an empty array.
+    fn free(&mut self, v: Var) {
+        self.nodes[v.0].value = ArrayD::zeros(ndarray::IxDyn(&[0]));
+    }
+
     fn zeros_like(&mut self, v: Var) -> Var {
         let shape = self.shape(v).to_vec();
         self.zeros(&shape)
+    }
+}
+
+/// Adds a hold on `v` if it is a scratch node (index `start` or later).
+fn hold(holds: &mut Vec<u32>, start: usize, v: Var) {
+    if v.0 >= start {
+        let k = v.0 - start;
+        if holds.len() <= k {
+            holds.resize(k + 1, 0);
+        }
+        holds[k] += 1;
+    }
+}
+
+/// The holds on `v` (forward nodes, before `start`, are never freed: reported as held).
+fn held(holds: &[u32], start: usize, v: Var) -> u32 {
+    if v.0 < start {
+        1
+    } else {
+        holds.get(v.0 - start).copied().unwrap_or(0)
     }
 }
 

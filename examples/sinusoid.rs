@@ -77,6 +77,29 @@ struct Args {
 
 type Learner = MetaLearner<f32, Mlp>;
 
+/// Test MSE after some inner steps: mean ± 95% CI and median over the tasks, and how
+/// many tasks' adaptation diverged (non-finite MSE; left out of the mean, not the median).
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    mean: f64,
+    ci: f64,
+    median: f64,
+    diverged: usize,
+}
+
+fn stat(losses: &[f64]) -> Stat {
+    let finite: Vec<f64> = losses.iter().copied().filter(|v| v.is_finite()).collect();
+    let (mean, ci) = mean_ci(&finite);
+    let mut sorted = losses.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    Stat {
+        mean,
+        ci,
+        median: sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
+        diverged: losses.len() - finite.len(),
+    }
+}
+
 /// Mean and half-width of the 95% confidence interval (normal approximation).
 fn mean_ci(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
@@ -146,14 +169,14 @@ fn train(args: &Args, steps: usize, k: usize) -> Result<(Learner, Vec<f64>), Box
 }
 
 /// Test-set query MSE (mean, 95% CI) after each of [`EVAL_STEPS`] inner steps.
-fn evaluate(learner: &Learner, tasks: &[Task<f32>]) -> Result<Vec<(f64, f64)>, Box<dyn Error>> {
+fn evaluate(learner: &Learner, tasks: &[Task<f32>]) -> Result<Vec<Stat>, Box<dyn Error>> {
     EVAL_STEPS
         .iter()
         .map(|&s| {
             let losses = map_tasks(tasks.len(), usize::MAX, |i| {
                 learner.evaluate(&tasks[i], s, NormMode::Transductive).0
             })?;
-            Ok(mean_ci(&losses))
+            Ok(stat(&losses))
         })
         .collect()
 }
@@ -333,20 +356,30 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     println!();
     println!(
-        "Test query MSE (mean ± 95% CI over test tasks) after n inner steps of SGD lr {INNER_LR}:"
+        "Test query MSE (mean ± 95% CI over test tasks; median in brackets; tasks whose \
+         adaptation diverged are counted and left out of the mean) after n inner steps of SGD \
+         lr {INNER_LR}:"
     );
     print!("{:<26}", "");
     for s in EVAL_STEPS {
         print!(
-            "{:>18}",
+            "{:>34}",
             format!("{s} step{}", if s == 1 { "" } else { "s" })
         );
     }
     println!();
     for (k, mse, _, _, _) in &results {
         print!("{:<26}", format!("K={k} (meta-trained K={k})"));
-        for (m, ci) in mse {
-            print!("{:>18}", format!("{m:.4} ± {ci:.4}"));
+        for st in mse {
+            let div = if st.diverged > 0 {
+                format!(" {} diverged", st.diverged)
+            } else {
+                String::new()
+            };
+            print!(
+                "{:>34}",
+                format!("{:.4} ± {:.4} [{:.4}]{div}", st.mean, st.ci, st.median)
+            );
         }
         println!();
     }
@@ -373,7 +406,10 @@ fn main() -> Result<(), Box<dyn Error>> {
             let by_steps: Vec<_> = EVAL_STEPS
                 .iter()
                 .zip(mse)
-                .map(|(s, (m, ci))| json!({ "inner_steps": s, "mse": m, "ci95": ci }))
+                .map(|(s, st)| {
+                    json!({ "inner_steps": s, "mse": st.mean, "ci95": st.ci,
+                            "median": st.median, "diverged": st.diverged })
+                })
                 .collect();
             json!({
                 "k": k,

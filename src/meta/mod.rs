@@ -160,8 +160,8 @@ pub struct StepStats {
 ///
 /// Only the parameters [`adapted_indices`] selects change. `rates` are the learned inner
 /// rates, one per adapted parameter in that order: shaped like the parameter for
-/// [`InnerRule::MetaSgd`], shape `[steps]` for [`InnerRule::PerLayerPerStep`]; empty
-/// otherwise.
+/// [`InnerRule::MetaSgd`], shape `[k]` for [`InnerRule::PerLayerPerStep`] (steps past `k`
+/// reuse the last rate); empty otherwise.
 #[allow(clippy::too_many_arguments)]
 pub fn adapt<F: Float, M: Model<F> + ?Sized>(
     t: &mut Tape<F>,
@@ -192,6 +192,9 @@ pub fn adapt<F: Float, M: Model<F> + ?Sized>(
                 InnerRule::Sgd | InnerRule::HeadOnly => t.mul_scalar(g, inner_lr),
                 InnerRule::MetaSgd => t.mul(rates[k], g),
                 InnerRule::PerLayerPerStep => {
+                    // Steps beyond the learned ones (longer adaptation at test time)
+                    // reuse the last step's rate.
+                    let s = s.min(t.shape(rates[k])[0] - 1);
                     let r = t.slice_axis(rates[k], 0, s, s + 1);
                     let r = t.reshape(r, &[]);
                     t.mul(r, g)
@@ -551,61 +554,19 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let (net, rates) = theta.split_at(self.net_len);
         let mut ctx = Ctx::new(mode).with_running(&self.norm);
         let xs = t.constant(task.support_x.clone());
-        // Learned per-step rates cover the training steps; further steps reuse the last.
-        let rule = self.config.rule;
-        let traj = if rule == InnerRule::PerLayerPerStep && steps > self.config.inner_steps {
-            let mut traj = adapt(
-                &mut t,
-                &self.model,
-                net,
-                rates,
-                rule,
-                self.config.inner_lr,
-                self.config.inner_steps,
-                false,
-                xs,
-                &task.support_y,
-                &mut ctx,
-            );
-            let k = self.config.inner_steps.max(1);
-            let last_rates: Vec<Var> = rates
-                .iter()
-                .map(|&r| {
-                    let s = t.slice_axis(r, 0, k - 1, k);
-                    t.reshape(s, &[])
-                })
-                .collect();
-            let start = traj.last().expect("trajectory").clone();
-            let more = adapt(
-                &mut t,
-                &self.model,
-                &start,
-                &last_rates,
-                InnerRule::MetaSgd,
-                self.config.inner_lr,
-                steps - self.config.inner_steps,
-                false,
-                xs,
-                &task.support_y,
-                &mut ctx,
-            );
-            traj.extend(more.into_iter().skip(1));
-            traj
-        } else {
-            adapt(
-                &mut t,
-                &self.model,
-                net,
-                rates,
-                rule,
-                self.config.inner_lr,
-                steps,
-                false,
-                xs,
-                &task.support_y,
-                &mut ctx,
-            )
-        };
+        let traj = adapt(
+            &mut t,
+            &self.model,
+            net,
+            rates,
+            self.config.rule,
+            self.config.inner_lr,
+            steps,
+            false,
+            xs,
+            &task.support_y,
+            &mut ctx,
+        );
         let last = traj.last().expect("trajectory").clone();
         let xq = t.constant(task.query_x.clone());
         t.no_grad(|t| {

@@ -363,7 +363,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     print!("{:<26}", "");
     for s in EVAL_STEPS {
         print!(
-            "{:>34}",
+            " {:>35}",
             format!("{s} step{}", if s == 1 { "" } else { "s" })
         );
     }
@@ -377,7 +377,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 String::new()
             };
             print!(
-                "{:>34}",
+                " {:>35}",
                 format!("{:.4} ± {:.4} [{:.4}]{div}", st.mean, st.ci, st.median)
             );
         }

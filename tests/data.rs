@@ -424,6 +424,12 @@ fn omniglot() -> Option<&'static Omniglot> {
     DATA.get_or_init(|| {
         let path = omniglot_path();
         if !path.exists() {
+            // CI always has the data beside the clone: missing there is a failure.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "Omniglot not found at {} (CI must have ../shared)",
+                path.display()
+            );
             eprintln!("SKIPPED: Omniglot not found at {}", path.display());
             return None;
         }

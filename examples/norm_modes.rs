@@ -1,7 +1,7 @@
 //! How much does transductive batch norm inflate few-shot accuracy? Measured, not asserted.
 //!
 //! ```text
-//! cargo run --release --example norm_modes                      # ~8 min on 2 busy cores
+//! cargo run --release --example norm_modes                      # ~5 min on 2 cores
 //! cargo run --release --example norm_modes -- --steps 20 --eval-tasks 50   # smoke run
 //! ```
 //!
@@ -15,12 +15,11 @@
 //! accuracy ± 95% CI, the paired transductive − inductive difference on identical
 //! episodes, and ends with `RESULT {json}`.
 //!
-//! The budget is small by default (300 meta-steps of 8 tasks, 32 filters): measured at
-//! about 2–2.5 min of training per model and 15–20 s per 600-task evaluation on 2 shared
-//! cores, 8.5 min in all. The size of the gap depends on how far training got, so compare
-//! runs with the same flags. In that default run the batch-norm model scored 80.8% ± 1.0%
-//! transductive and 20.7% ± 0.3% inductive (chance; with its running statistics the inner
-//! steps at rate 0.4 diverge), group norm 37.1% ± 0.9%, TaskNorm-I 71.4% ± 1.0%.
+//! The budget is small by default (300 meta-steps of 8 tasks, 32 filters). Measured on 2
+//! cores: 292 s in all; the batch-norm model scored 81.0% ± 0.9% transductive and
+//! 20.6% ± 0.2% inductive (chance: with running statistics the inner steps at rate 0.4
+//! diverge), group norm 36.5% ± 0.9%, TaskNorm-I 70.3% ± 1.0%. The size of the gap depends
+//! on how far training got, so compare runs with the same flags.
 
 use clap::Parser;
 use metagrad::data::{omniglot, EpisodeSampler, EpisodeSpec, ImageCollection, Omniglot};

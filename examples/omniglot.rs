@@ -27,10 +27,10 @@
 //! `--eval-mode transductive` picks one. MAML's published Omniglot figures used the
 //! transductive mode. See `examples/norm_modes.rs`.
 //!
-//! Cost: with the defaults (64 filters, meta-batch 32, second order) one meta-step took
-//! about 5 s on 2 busy cores, so the default 2000 steps take hours; `--first-order`,
-//! `--meta-batch 8` or `--filters 32` make it several times cheaper. Evaluating 600 tasks
-//! takes about 40 s.
+//! Cost: with the defaults (64 filters, meta-batch 32, second order) one meta-step takes
+//! about 2 s on 2 cores (`cargo bench --bench maml_step`, W2), so the default 2000 steps
+//! take a little over an hour; `--first-order`, `--meta-batch 8` or `--filters 32` make it
+//! several times cheaper.
 //!
 //! Writes the training curve (`curve.csv`: step, loss, accuracy, seconds; `curve.svg`) to
 //! `--out`; with `--checkpoint-dir`, saves `checkpoint.json` there atomically every

@@ -201,14 +201,7 @@ where
         let out = f(t, vars);
         let s = project(t, out, opts.seed);
         let grads = t.grad(s, vars, true);
-        let mut total = t.scalar(0.0);
-        for (g, d) in grads.iter().zip(&dirs) {
-            let dv = t.constant(d.clone());
-            let p = t.mul(*g, dv);
-            let p = t.sum(p);
-            total = t.add(total, p);
-        }
-        total
+        dot_with(t, &grads, &dirs)
     };
     gradcheck_with(h, inputs, opts)
 }
@@ -231,15 +224,22 @@ where
     let vars: Vec<Var> = inputs.iter().map(|x| t.param(x.clone())).collect();
     let out = f(&mut t, &vars);
     let grads = t.grad(out, &vars, true);
+    let total = dot_with(&mut t, &grads, v);
+    let hv = t.grad(total, &vars, false);
+    hv.iter().map(|h| t.value(*h).clone()).collect()
+}
+
+/// `Σᵢ sum(gradsᵢ · dirsᵢ)` on the tape: a directional derivative that can be
+/// differentiated again.
+fn dot_with<F: Float>(t: &mut Tape<F>, grads: &[Var], dirs: &[ArrayD<F>]) -> Var {
     let mut total = t.scalar(0.0);
-    for (g, d) in grads.iter().zip(v) {
+    for (g, d) in grads.iter().zip(dirs) {
         let dv = t.constant(d.clone());
         let p = t.mul(*g, dv);
         let p = t.sum(p);
         total = t.add(total, p);
     }
-    let hv = t.grad(total, &vars, false);
-    hv.iter().map(|h| t.value(*h).clone()).collect()
+    total
 }
 
 /// Largest absolute elementwise difference of two arrays of one shape.

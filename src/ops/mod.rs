@@ -31,19 +31,11 @@ pub(crate) fn flat<F>(a: &ArrayD<F>) -> &[F] {
 }
 
 /// An array of the given shape from a row-major vector.
-pub(crate) fn from_vec<F: Float>(shape: &[usize], v: Vec<F>) -> ArrayD<F> {
-    ArrayD::from_shape_vec(IxDyn(shape), v).expect("metagrad: internal shape mismatch")
-}
-
-/// An array of the given shape from a row-major vector (for building constants).
-///
-/// # Panics
-/// If the vector's length is not the shape's element count.
 #[track_caller]
-pub fn array_from<F: Float>(shape: &[usize], v: Vec<F>) -> ArrayD<F> {
+pub(crate) fn from_vec<F: Float>(shape: &[usize], v: Vec<F>) -> ArrayD<F> {
     let n = v.len();
     ArrayD::from_shape_vec(IxDyn(shape), v)
-        .unwrap_or_else(|_| panic!("metagrad::array_from: {n} values for shape {shape:?}"))
+        .unwrap_or_else(|_| panic!("metagrad: {n} values for shape {shape:?}"))
 }
 
 /// Row-major layout, copying only when needed.

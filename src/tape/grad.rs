@@ -254,11 +254,4 @@ impl Op {
             | Op::LogSoftmax(a) => (Some(*a), None),
         }
     }
-
-    /// The nodes this op reads.
-    pub fn inputs(&self) -> Vec<Var> {
-        let mut v = Vec::with_capacity(2);
-        self.for_each_input(|x| v.push(x));
-        v
-    }
 }

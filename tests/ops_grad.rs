@@ -211,6 +211,7 @@ fn convolution_forward_and_its_adjoints() {
         (1, 0, 4, 2),
         (3, 2, 7, 3),
         (1, 2, 4, 3),
+        (1, 2, 6, 5),
     ] {
         let x = rnd(&[2, 2, h, h], 30 + h as u64);
         let w = rnd(&[3, 2, k, k], 40 + k as u64);
@@ -254,8 +255,109 @@ fn pooling() {
         |t, v| t.max_pool2d(v[0], 3, 1),
         &[rnd(&[1, 2, 5, 5], 61)],
     );
+    check(
+        "relu_max_pool2d 7->3",
+        |t, v| t.relu_max_pool2d(v[0], 2, 2),
+        &[x.clone()],
+    );
+    check(
+        "relu_max_pool2d 3x3 stride 2",
+        |t, v| t.relu_max_pool2d(v[0], 3, 2),
+        &[x.clone()],
+    );
+    // The fused op is ReLU after max-pooling, in value and in gradient (on an input
+    // shifted so that some windows have no positive element).
+    let w = rnd(&[2, 2, 3, 3], 62);
+    let shifted = x.mapv(|v| v - 1.0);
+    let run = |fused: bool| {
+        let mut t = Tape::<f64>::new();
+        let xv = t.param(shifted.clone());
+        let y = if fused {
+            t.relu_max_pool2d(xv, 2, 2)
+        } else {
+            let p = t.max_pool2d(xv, 2, 2);
+            t.relu(p)
+        };
+        let wv = t.constant(w.clone());
+        let l = t.mul(y, wv);
+        let l = t.sum(l);
+        let g = t.grad(l, &[xv], false)[0];
+        (t.value(y).clone(), t.value(g).clone())
+    };
+    let ((y1, g1), (y2, g2)) = (run(true), run(false));
+    assert_eq!(y1, y2);
+    assert_eq!(g1, g2);
+    assert!(y1.iter().any(|&v| v == 0.0) && y1.iter().any(|&v| v > 0.0));
     check("avg_pool2d", |t, v| t.avg_pool2d(v[0], 2, 2), &[x.clone()]);
     check("global_avg_pool", |t, v| t.global_avg_pool(v[0]), &[x]);
+}
+
+#[test]
+fn fused_batch_norm() {
+    for shape in [&[4, 3, 2, 3][..], &[5, 2]] {
+        let c = shape[1];
+        let inputs = [rnd(shape, 80), rnd(&[c], 81), rnd(&[c], 82)];
+        check(
+            "batch_norm_batch_stats",
+            |t, v| t.batch_norm_batch_stats(v[0], v[1], v[2], 1e-5).0,
+            &inputs,
+        );
+        // Weighted by another function of x, so that the second derivative in x runs
+        // through both forms of the backward rule.
+        check(
+            "batch_norm_batch_stats times tanh(x)",
+            |t, v| {
+                let y = t.batch_norm_batch_stats(v[0], v[1], v[2], 1e-5).0;
+                let w = t.tanh(v[0]);
+                t.mul(y, w)
+            },
+            &inputs,
+        );
+    }
+}
+
+/// The fused batch norm equals the same formula written with elementwise ops, in value,
+/// in its fast first-order gradient and in its recorded (differentiable) gradient.
+#[test]
+fn fused_batch_norm_matches_the_elementwise_formula() {
+    let (x, ga, be) = (rnd(&[6, 3, 4, 4], 83), rnd(&[3], 84), rnd(&[3], 85));
+    let w = rnd(&[6, 3, 4, 4], 86);
+    let run = |fused: bool, create_graph: bool| {
+        let mut t = Tape::<f64>::new();
+        let (xv, gv, bv) = (t.param(x.clone()), t.param(ga.clone()), t.param(be.clone()));
+        let y = if fused {
+            t.batch_norm_batch_stats(xv, gv, bv, 1e-5).0
+        } else {
+            let mean = t.mean_axes(xv, &[0, 2, 3], true);
+            let xc = t.sub(xv, mean);
+            let sq = t.square(xc);
+            let var = t.mean_axes(sq, &[0, 2, 3], true);
+            let ve = t.add_scalar(var, 1e-5);
+            let sd = t.sqrt(ve);
+            let xh = t.div(xc, sd);
+            let g4 = t.reshape(gv, &[1, 3, 1, 1]);
+            let b4 = t.reshape(bv, &[1, 3, 1, 1]);
+            let s = t.mul(xh, g4);
+            t.add(s, b4)
+        };
+        let wv = t.constant(w.clone());
+        let l = t.mul(y, wv);
+        let l = t.sum(l);
+        let g = t.grad(l, &[xv, gv, bv], create_graph);
+        let mut out = vec![t.value(y).clone()];
+        out.extend(g.iter().map(|&v| t.value(v).clone()));
+        out
+    };
+    let reference = run(false, false);
+    for (fused, cg) in [(true, false), (true, true)] {
+        for (a, b) in run(fused, cg).iter().zip(&reference) {
+            assert!(
+                max_abs_diff(a, b) < 1e-12,
+                "create_graph {cg}: {}",
+                max_abs_diff(a, b)
+            );
+        }
+    }
 }
 
 #[test]

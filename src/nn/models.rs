@@ -207,8 +207,8 @@ pub enum Downsample {
     Strided,
 }
 
-/// Conv-4: four blocks of 3×3 conv → norm → ReLU (→ 2×2 max-pool; computed as pool then
-/// ReLU, which is the same function), then a linear head of
+/// Conv-4: four blocks of 3×3 conv → norm → ReLU (→ 2×2 max-pool; ReLU and pool are
+/// computed together by [`Tape::relu_max_pool2d`]), then a linear head of
 /// `ways` outputs. Parameters per block `b{i}.conv.w`, `b{i}.conv.b`, then the norm's
 /// (`b{i}.norm.gamma`, `b{i}.norm.beta`, per step with a `.s{k}` suffix; TaskNorm adds
 /// `b{i}.norm.scale`, `b{i}.norm.offset`); then `head.w: [ways, features]`, `head.b`.
@@ -372,13 +372,11 @@ impl<F: Float> Model<F> for Conv4 {
                     y
                 }
             };
-            // ReLU and max-pooling commute (ReLU is monotone), so pooling first runs the
-            // ReLU, its mask and its backward rule on a quarter of the elements. Values
-            // and gradients are the same as ReLU then pool.
-            if self.downsample == Downsample::MaxPool {
-                h = t.max_pool2d(h, 2, 2);
-            }
-            h = t.relu(h);
+            // ReLU and max-pooling commute (ReLU is monotone): one gather does both.
+            h = match self.downsample {
+                Downsample::MaxPool => t.relu_max_pool2d(h, 2, 2),
+                Downsample::Strided => t.relu(h),
+            };
         }
         let h = match self.downsample {
             Downsample::MaxPool => flatten(t, h),

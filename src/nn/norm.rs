@@ -243,17 +243,12 @@ pub fn batch_norm<F: Float>(
             (normalise(t, x, m, v, gamma, beta, eps), None)
         }
         NormMode::Train | NormMode::Transductive => {
-            let axes: Vec<usize> = (0..shape.len()).filter(|&a| a != 1).collect();
-            let mean = t.mean_axes(x, &axes, true);
-            let xc = t.sub(x, mean);
-            let sq = t.square(xc);
-            let var = t.mean_axes(sq, &axes, true);
-            let y = normalise(t, x, mean, var, gamma, beta, eps);
+            let (y, stats) = t.batch_norm_batch_stats(x, gamma, beta, eps);
             let observed = (mode == NormMode::Train).then(|| {
                 let n = shape.iter().product::<usize>() / shape[1];
-                let unbias = F::c(n as f64 / (n.max(2) - 1) as f64);
-                let m = t.value(mean).iter().copied().collect();
-                let v = t.value(var).iter().map(|&v| v * unbias).collect();
+                let unbias = n as f64 / (n.max(2) - 1) as f64;
+                let m = stats.mean.iter().map(|&m| F::c(m)).collect();
+                let v = stats.var.iter().map(|&v| F::c(v * unbias)).collect();
                 (m, v)
             });
             (y, observed)

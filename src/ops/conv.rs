@@ -9,7 +9,7 @@
 
 use super::{flat, from_vec};
 use crate::ops::linalg::gemm;
-use crate::tape::op::{ConvGeom, Gather};
+use crate::tape::op::{ConvGeom, Gather, NONE};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -31,15 +31,64 @@ fn valid_cols(wo: usize, w: usize, stride: usize, pad: usize, j: usize) -> (usiz
     (lo.min(hi), hi)
 }
 
-/// Unfolds one sample `[C, H, W]` into columns `[C·kh·kw, Ho·Wo]`.
-fn im2col<F: Float>(x: &[F], g: &ConvGeom, cols: &mut [F]) {
+/// Row length of the column buffers: `Ho·Wo` rounded up to 16, so that the matrix
+/// product's kernels can read the columns in place instead of packing a copy. The extra
+/// columns stay zero.
+fn col_stride(g: &ConvGeom) -> usize {
+    (g.ho() * g.wo()).div_ceil(16) * 16
+}
+
+/// For a stride-1 convolution whose output is the input's size, kernel offset `(i, j)`
+/// reads the input shifted by `d = (i − pad)·W + (j − pad)` flat elements: output element
+/// `q` reads `q + d`, in range for `q` in `lo..hi`, except the `|j − pad|` columns at the
+/// left or right edge that wrap around to a neighbouring row. `None` if the geometry is
+/// not of that kind.
+fn shift(
+    g: &ConvGeom,
+    i: usize,
+    j: usize,
+) -> Option<(isize, usize, usize, std::ops::Range<usize>)> {
+    if g.stride != 1 || g.ho() != g.h || g.wo() != g.w || g.pad >= g.w {
+        return None;
+    }
+    let hw = (g.h * g.w) as isize;
+    let (di, dj) = (i as isize - g.pad as isize, j as isize - g.pad as isize);
+    let d = di * g.w as isize + dj;
+    let lo = (-d).clamp(0, hw) as usize;
+    let hi = (hw - d).clamp(0, hw) as usize;
+    // Output columns whose input column falls outside the row.
+    let wrap = if dj < 0 {
+        0..(-dj) as usize
+    } else {
+        g.w - dj as usize..g.w
+    };
+    Some((d, lo, hi.max(lo), wrap))
+}
+
+/// Unfolds one sample `[C, H, W]` into columns `[C·kh·kw, Ho·Wo]`, rows `ld` apart
+/// (elements past `Ho·Wo` in a row are left as they are).
+fn im2col<F: Float>(x: &[F], g: &ConvGeom, cols: &mut [F], ld: usize) {
     let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad);
-    let mut rows = cols.chunks_exact_mut(ho * wo);
+    let hw = ho * wo;
+    let mut rows = cols.chunks_mut(ld);
     for c in 0..g.c {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for i in 0..g.kh {
             for j in 0..g.kw {
-                let row = rows.next().expect("im2col rows");
+                let row = &mut rows.next().expect("im2col rows")[..hw];
+                if let Some((d, lo, hi, wrap)) = shift(g, i, j) {
+                    // One block copy of the shifted plane, then zeros at the edges.
+                    row[..lo].fill(F::zero());
+                    row[hi..].fill(F::zero());
+                    let from = (lo as isize + d) as usize;
+                    row[lo..hi].copy_from_slice(&plane[from..from + hi - lo]);
+                    if !wrap.is_empty() {
+                        for r in row.chunks_exact_mut(wo) {
+                            r[wrap.clone()].fill(F::zero());
+                        }
+                    }
+                    continue;
+                }
                 let (lo, hi) = valid_cols(wo, g.w, s, p, j);
                 for oh in 0..ho {
                     let dst = &mut row[oh * wo..(oh + 1) * wo];
@@ -67,17 +116,32 @@ fn im2col<F: Float>(x: &[F], g: &ConvGeom, cols: &mut [F]) {
     }
 }
 
-/// Folds columns `[C·kh·kw, Ho·Wo]` back into one sample `[C, H, W]`, adding overlaps
-/// (the adjoint of [`im2col`]).
-fn col2im<F: Float>(cols: &[F], g: &ConvGeom, x: &mut [F]) {
+/// Folds columns `[C·kh·kw, Ho·Wo]` (rows `ld` apart) back into one sample `[C, H, W]`,
+/// adding overlaps (the adjoint of [`im2col`]). The columns are scratch: entries that
+/// fall outside the input are zeroed on the way.
+fn col2im<F: Float>(cols: &mut [F], g: &ConvGeom, x: &mut [F], ld: usize) {
     let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad);
+    let hw = ho * wo;
     x.fill(F::zero());
-    let mut rows = cols.chunks_exact(ho * wo);
+    let mut rows = cols.chunks_mut(ld);
     for c in 0..g.c {
         let plane = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for i in 0..g.kh {
             for j in 0..g.kw {
-                let row = rows.next().expect("col2im rows");
+                let row = &mut rows.next().expect("col2im rows")[..hw];
+                if let Some((d, lo, hi, wrap)) = shift(g, i, j) {
+                    if !wrap.is_empty() {
+                        for r in row.chunks_exact_mut(wo) {
+                            r[wrap.clone()].fill(F::zero());
+                        }
+                    }
+                    let from = (lo as isize + d) as usize;
+                    plane[from..from + hi - lo]
+                        .iter_mut()
+                        .zip(&row[lo..hi])
+                        .for_each(|(d, &v)| *d += v);
+                    continue;
+                }
                 let (lo, hi) = valid_cols(wo, g.w, s, p, j);
                 if lo >= hi {
                     continue;
@@ -151,29 +215,37 @@ impl<F: Float> Tape<F> {
 
     #[track_caller]
     pub(crate) fn conv2d_geom(&mut self, x: Var, w: Var, g: ConvGeom) -> Var {
-        let (ho, wo) = (g.ho(), g.wo());
-        let ckk = g.c * g.kh * g.kw;
+        let hw = g.ho() * g.wo();
+        let (ckk, ld) = (g.c * g.kh * g.kw, col_stride(&g));
         let xs = flat(self.value(x));
         let ws = flat(self.value(w));
-        let mut out = vec![F::zero(); g.n * g.o * ho * wo];
-        let mut cols = vec![F::zero(); ckk * ho * wo];
-        for (n, o) in out.chunks_exact_mut(g.o * ho * wo).enumerate() {
+        let mut out = vec![F::zero(); g.n * g.o * hw];
+        let mut cols = vec![F::zero(); ckk * ld];
+        // The product is written `ld` wide, then the first `Ho·Wo` columns are kept.
+        let mut wide = vec![F::zero(); if ld == hw { 0 } else { g.o * ld }];
+        for (n, o) in out.chunks_exact_mut(g.o * hw).enumerate() {
             im2col(
                 &xs[n * g.c * g.h * g.w..(n + 1) * g.c * g.h * g.w],
                 &g,
                 &mut cols,
+                ld,
             );
-            let mut c = mat_mut(o, g.o, ho * wo);
+            let dst = if ld == hw { &mut *o } else { &mut wide[..] };
             gemm(
                 mat(ws, g.o, ckk),
-                mat(&cols, ckk, ho * wo),
+                mat(&cols, ckk, ld),
                 false,
                 false,
-                &mut c,
+                &mut mat_mut(dst, g.o, ld),
                 F::zero(),
             );
+            if ld != hw {
+                for (row, src) in o.chunks_exact_mut(hw).zip(wide.chunks_exact(ld)) {
+                    row.copy_from_slice(&src[..hw]);
+                }
+            }
         }
-        let value = from_vec(&[g.n, g.o, ho, wo], out);
+        let value = from_vec(&[g.n, g.o, g.ho(), g.wo()], out);
         self.push(value, Op::Conv2d(x, w, g), &[x, w])
     }
 
@@ -182,6 +254,7 @@ impl<F: Float> Tape<F> {
     #[track_caller]
     pub fn conv2d_input_grad(&mut self, gy: Var, w: Var, g: ConvGeom) -> Var {
         let (ho, wo) = (g.ho(), g.wo());
+        let hw = ho * wo;
         let ckk = g.c * g.kh * g.kw;
         assert!(
             self.shape(gy) == [g.n, g.o, ho, wo] && self.shape(w) == [g.o, g.c, g.kh, g.kw],
@@ -192,19 +265,18 @@ impl<F: Float> Tape<F> {
         let gs = flat(self.value(gy));
         let ws = flat(self.value(w));
         let mut out = vec![F::zero(); g.n * g.c * g.h * g.w];
-        let mut cols = vec![F::zero(); ckk * ho * wo];
+        let mut cols = vec![F::zero(); ckk * hw];
         for (n, xo) in out.chunks_exact_mut(g.c * g.h * g.w).enumerate() {
-            let gn = &gs[n * g.o * ho * wo..(n + 1) * g.o * ho * wo];
-            let mut c = mat_mut(&mut cols, ckk, ho * wo);
+            let gn = &gs[n * g.o * hw..(n + 1) * g.o * hw];
             gemm(
                 mat(ws, g.o, ckk),
-                mat(gn, g.o, ho * wo),
+                mat(gn, g.o, hw),
                 true,
                 false,
-                &mut c,
+                &mut mat_mut(&mut cols, ckk, hw),
                 F::zero(),
             );
-            col2im(&cols, &g, xo);
+            col2im(&mut cols, &g, xo, hw);
         }
         let value = from_vec(&[g.n, g.c, g.h, g.w], out);
         self.push(value, Op::Conv2dInputGrad(gy, w, g), &[gy, w])
@@ -215,6 +287,7 @@ impl<F: Float> Tape<F> {
     #[track_caller]
     pub fn conv2d_weight_grad(&mut self, x: Var, gy: Var, g: ConvGeom) -> Var {
         let (ho, wo) = (g.ho(), g.wo());
+        let hw = ho * wo;
         let ckk = g.c * g.kh * g.kw;
         assert!(
             self.shape(gy) == [g.n, g.o, ho, wo] && self.shape(x) == [g.n, g.c, g.h, g.w],
@@ -225,7 +298,7 @@ impl<F: Float> Tape<F> {
         let xs = flat(self.value(x));
         let gs = flat(self.value(gy));
         let mut out = vec![F::zero(); g.o * ckk];
-        let mut cols = vec![F::zero(); ckk * ho * wo];
+        let mut cols = vec![F::zero(); ckk * hw];
         {
             let mut c = mat_mut(&mut out, g.o, ckk);
             for n in 0..g.n {
@@ -233,11 +306,12 @@ impl<F: Float> Tape<F> {
                     &xs[n * g.c * g.h * g.w..(n + 1) * g.c * g.h * g.w],
                     &g,
                     &mut cols,
+                    hw,
                 );
-                let gn = &gs[n * g.o * ho * wo..(n + 1) * g.o * ho * wo];
+                let gn = &gs[n * g.o * hw..(n + 1) * g.o * hw];
                 gemm(
-                    mat(gn, g.o, ho * wo),
-                    mat(&cols, ckk, ho * wo),
+                    mat(gn, g.o, hw),
+                    mat(&cols, ckk, hw),
                     false,
                     true,
                     &mut c,
@@ -257,41 +331,88 @@ impl<F: Float> Tape<F> {
     /// If `x` is not 4-D, `k` or `stride` is zero, or the window is larger than the input.
     #[track_caller]
     pub fn max_pool2d(&mut self, x: Var, k: usize, stride: usize) -> Var {
+        self.max_pool_gather("max_pool2d", x, k, stride, false)
+    }
+
+    /// `relu(max_pool2d(x))`, which equals max-pooling the ReLU (ReLU is monotone), as one
+    /// gather: a window whose maximum is not positive reads no element. The same values
+    /// and gradients as the two ops, in one pass over `x`.
+    ///
+    /// # Panics
+    /// As [`Tape::max_pool2d`].
+    #[track_caller]
+    pub fn relu_max_pool2d(&mut self, x: Var, k: usize, stride: usize) -> Var {
+        self.max_pool_gather("relu_max_pool2d", x, k, stride, true)
+    }
+
+    /// Max-pooling as a [`Gather`] of each window's first maximal element; with `relu`,
+    /// windows whose maximum is not positive read nothing (zero).
+    #[track_caller]
+    fn max_pool_gather(&mut self, name: &str, x: Var, k: usize, stride: usize, relu: bool) -> Var {
         let s = self.shape(x).to_vec();
         assert!(
             s.len() == 4 && k > 0 && stride > 0 && s[2] >= k && s[3] >= k,
-            "metagrad::max_pool2d: window {k} with stride {stride} does not fit input {s:?} \
+            "metagrad::{name}: window {k} with stride {stride} does not fit input {s:?} \
              (expected [N, C, H, W])"
         );
         let (h, w) = (s[2], s[3]);
         let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
         let xs = flat(self.value(x));
-        let mut src = Vec::with_capacity(s[0] * s[1] * ho * wo);
+        let len = s[0] * s[1] * ho * wo;
+        let (mut src, mut out) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        let floor = if relu { F::zero() } else { F::neg_infinity() };
+        // Branch-free arg-max (the comparisons are unpredictable); a maximum that does not
+        // exceed `floor` (ReLU) is reported as NONE.
+        let mut push = |best: usize, v: F| {
+            let keep = v > floor;
+            src.push(if keep { best } else { NONE });
+            out.push(if keep { v } else { F::zero() });
+        };
         for plane in 0..s[0] * s[1] {
             let base = plane * h * w;
             for oh in 0..ho {
+                let row0 = base + oh * stride * w;
+                if k == 2 && stride == 2 {
+                    let (r0, r1) = (&xs[row0..row0 + w], &xs[row0 + w..row0 + 2 * w]);
+                    for ow in 0..wo {
+                        let j = 2 * ow;
+                        let (mut best, mut v) = (row0 + j, r0[j]);
+                        for (idx, c) in [
+                            (row0 + j + 1, r0[j + 1]),
+                            (row0 + w + j, r1[j]),
+                            (row0 + w + j + 1, r1[j + 1]),
+                        ] {
+                            let gt = c > v;
+                            best = if gt { idx } else { best };
+                            v = if gt { c } else { v };
+                        }
+                        push(best, v);
+                    }
+                    continue;
+                }
                 for ow in 0..wo {
-                    let first = base + oh * stride * w + ow * stride;
-                    // Branch-free arg-max: the comparisons are unpredictable.
-                    let (mut best, mut best_v) = (first, xs[first]);
+                    let first = row0 + ow * stride;
+                    let (mut best, mut v) = (first, xs[first]);
                     for i in 0..k {
                         let row = first + i * w;
-                        for (j, &v) in xs[row..row + k].iter().enumerate() {
-                            let gt = v > best_v;
+                        for (j, &c) in xs[row..row + k].iter().enumerate() {
+                            let gt = c > v;
                             best = if gt { row + j } else { best };
-                            best_v = if gt { v } else { best_v };
+                            v = if gt { c } else { v };
                         }
                     }
-                    src.push(best);
+                    push(best, v);
                 }
             }
         }
+        let out_shape = vec![s[0], s[1], ho, wo];
+        let value = from_vec(&out_shape, out);
         let map = Gather {
             src,
-            in_shape: s.clone(),
-            out_shape: vec![s[0], s[1], ho, wo],
+            in_shape: s,
+            out_shape,
         };
-        self.gather(x, Arc::new(map))
+        self.push(value, Op::Gather(x, Arc::new(map)), &[x])
     }
 
     /// Average pooling of `x: [N, C, H, W]` with a `k × k` window and the given stride, no

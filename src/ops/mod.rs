@@ -12,12 +12,14 @@
 //! | [`linalg`] | matmul (2-D and batched) |
 //! | [`conv`] | conv2d, max-pool, average pool, global average pool |
 //! | [`loss`] | log_softmax, softmax, mse, cross-entropy with dense and with sparse labels |
+//! | [`norm`] | batch normalisation with the batch's statistics (fused) |
 
 mod broadcast;
 pub mod conv;
 pub mod elementwise;
 pub mod linalg;
 pub mod loss;
+pub mod norm;
 pub mod reduce;
 pub mod shape;
 

@@ -219,6 +219,7 @@ impl Op {
     pub fn for_each_input(&self, mut f: impl FnMut(Var)) {
         match self {
             Op::Concat(vs, _) => vs.iter().for_each(|&v| f(v)),
+            Op::BatchNorm { x, gamma, beta, .. } => [*x, *gamma, *beta].into_iter().for_each(f),
             op => {
                 let (a, b) = op.operands();
                 a.into_iter().chain(b).for_each(f);
@@ -229,7 +230,7 @@ impl Op {
     /// Up to two operands (every op but `Concat`, whose inputs are a list).
     fn operands(&self) -> (Option<Var>, Option<Var>) {
         match self {
-            Op::Leaf | Op::Concat(..) => (None, None),
+            Op::Leaf | Op::Concat(..) | Op::BatchNorm { .. } => (None, None),
             Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) => (Some(*a), Some(*b)),
             Op::MatMul { a, b, .. } => (Some(*a), Some(*b)),
             Op::Conv2d(a, b, _) | Op::Conv2dInputGrad(a, b, _) | Op::Conv2dWeightGrad(a, b, _) => {

@@ -6,6 +6,7 @@
 //! batch norm, max-pool, ...) are built from these in [`crate::ops`].
 
 use super::Var;
+use crate::ops::norm::BatchStats;
 use std::sync::Arc;
 
 /// Marks an output element of a [`Gather`] that reads no input element (it is zero).
@@ -132,6 +133,20 @@ pub enum Op {
     Conv2dWeightGrad(Var, Var, ConvGeom),
     /// Log-softmax along the last axis.
     LogSoftmax(Var),
+    /// Batch normalisation of `x` with the batch's own per-channel statistics, then the
+    /// affine map `gamma`, `beta` (fused; see [`crate::ops::norm`]).
+    BatchNorm {
+        /// Input `[N, C, ...]`.
+        x: Var,
+        /// Per-channel scale `[C]`.
+        gamma: Var,
+        /// Per-channel shift `[C]`.
+        beta: Var,
+        /// Added to the variance.
+        eps: f64,
+        /// The statistics the forward pass used.
+        stats: Arc<BatchStats>,
+    },
 }
 
 impl Op {
@@ -165,6 +180,7 @@ impl Op {
             Op::Conv2dInputGrad(..) => "conv2d_input_grad",
             Op::Conv2dWeightGrad(..) => "conv2d_weight_grad",
             Op::LogSoftmax(..) => "log_softmax",
+            Op::BatchNorm { .. } => "batch_norm_batch_stats",
         }
     }
 }

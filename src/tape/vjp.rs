@@ -169,6 +169,21 @@ pub(super) fn vjp<F: Float>(
             let ps = t.mul(p, s);
             t.sub(g, ps)
         }),
+        Op::BatchNorm {
+            x,
+            gamma,
+            beta,
+            eps,
+            stats,
+        } => {
+            let ins = [*x, *gamma, *beta];
+            let grads = t.batch_norm_vjp(*x, *gamma, *eps, stats, g, ins.map(need));
+            for (v, gv) in ins.into_iter().zip(grads) {
+                if let Some(gv) = gv {
+                    out.push((v, gv));
+                }
+            }
+        }
     }
 }
 

@@ -38,6 +38,9 @@ fn col_stride(g: &ConvGeom) -> usize {
     (g.ho() * g.wo()).div_ceil(16) * 16
 }
 
+/// `(d, lo, hi, wrap)`: see [`shift`].
+type Shift = (isize, usize, usize, std::ops::Range<usize>);
+
 /// For a stride-1 convolution whose output is the input's size, kernel offset `(i, j)`
 /// reads the input shifted by `d = (i − pad)·W + (j − pad)` flat elements: output element
 /// `q` reads `q + d`, in range for `q` in `lo..hi`, except the `|j − pad|` columns at the
@@ -65,18 +68,26 @@ fn shift(
     Some((d, lo, hi.max(lo), wrap))
 }
 
+/// [`shift`] for every kernel offset, row by row.
+fn shifts(g: &ConvGeom) -> Vec<Option<Shift>> {
+    (0..g.kh * g.kw)
+        .map(|ij| shift(g, ij / g.kw, ij % g.kw))
+        .collect()
+}
+
 /// Unfolds one sample `[C, H, W]` into columns `[C·kh·kw, Ho·Wo]`, rows `ld` apart
 /// (elements past `Ho·Wo` in a row are left as they are).
 fn im2col<F: Float>(x: &[F], g: &ConvGeom, cols: &mut [F], ld: usize) {
     let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad);
     let hw = ho * wo;
+    let shifts = shifts(g);
     let mut rows = cols.chunks_mut(ld);
     for c in 0..g.c {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let row = &mut rows.next().expect("im2col rows")[..hw];
-                if let Some((d, lo, hi, wrap)) = shift(g, i, j) {
+                if let Some((d, lo, hi, wrap)) = shifts[i * g.kw + j].clone() {
                     // One block copy of the shifted plane, then zeros at the edges.
                     row[..lo].fill(F::zero());
                     row[hi..].fill(F::zero());
@@ -116,20 +127,20 @@ fn im2col<F: Float>(x: &[F], g: &ConvGeom, cols: &mut [F], ld: usize) {
     }
 }
 
-/// Folds columns `[C·kh·kw, Ho·Wo]` (rows `ld` apart) back into one sample `[C, H, W]`,
-/// adding overlaps (the adjoint of [`im2col`]). The columns are scratch: entries that
-/// fall outside the input are zeroed on the way.
+/// Adds columns `[C·kh·kw, Ho·Wo]` (rows `ld` apart) back into one sample `[C, H, W]`
+/// that starts as zeros, adding overlaps (the adjoint of [`im2col`]). The columns are
+/// scratch: entries that fall outside the input are zeroed on the way.
 fn col2im<F: Float>(cols: &mut [F], g: &ConvGeom, x: &mut [F], ld: usize) {
     let (ho, wo, s, p) = (g.ho(), g.wo(), g.stride, g.pad);
     let hw = ho * wo;
-    x.fill(F::zero());
+    let shifts = shifts(g);
     let mut rows = cols.chunks_mut(ld);
     for c in 0..g.c {
         let plane = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let row = &mut rows.next().expect("col2im rows")[..hw];
-                if let Some((d, lo, hi, wrap)) = shift(g, i, j) {
+                if let Some((d, lo, hi, wrap)) = shifts[i * g.kw + j].clone() {
                     if !wrap.is_empty() {
                         for r in row.chunks_exact_mut(wo) {
                             r[wrap.clone()].fill(F::zero());
@@ -219,32 +230,38 @@ impl<F: Float> Tape<F> {
         let (ckk, ld) = (g.c * g.kh * g.kw, col_stride(&g));
         let xs = flat(self.value(x));
         let ws = flat(self.value(w));
-        let mut out = vec![F::zero(); g.n * g.o * hw];
         let mut cols = vec![F::zero(); ckk * ld];
-        // The product is written `ld` wide, then the first `Ho·Wo` columns are kept.
-        let mut wide = vec![F::zero(); if ld == hw { 0 } else { g.o * ld }];
-        for (n, o) in out.chunks_exact_mut(g.o * hw).enumerate() {
-            im2col(
-                &xs[n * g.c * g.h * g.w..(n + 1) * g.c * g.h * g.w],
-                &g,
-                &mut cols,
-                ld,
-            );
-            let dst = if ld == hw { &mut *o } else { &mut wide[..] };
+        let product = |cols: &[F], dst: &mut [F]| {
             gemm(
                 mat(ws, g.o, ckk),
-                mat(&cols, ckk, ld),
+                mat(cols, ckk, ld),
                 false,
                 false,
                 &mut mat_mut(dst, g.o, ld),
                 F::zero(),
-            );
-            if ld != hw {
-                for (row, src) in o.chunks_exact_mut(hw).zip(wide.chunks_exact(ld)) {
-                    row.copy_from_slice(&src[..hw]);
+            )
+        };
+        let sample = |n: usize| &xs[n * g.c * g.h * g.w..(n + 1) * g.c * g.h * g.w];
+        let out = if ld == hw {
+            let mut out = vec![F::zero(); g.n * g.o * hw];
+            for (n, o) in out.chunks_exact_mut(g.o * hw).enumerate() {
+                im2col(sample(n), &g, &mut cols, ld);
+                product(&cols, o);
+            }
+            out
+        } else {
+            // The product is written `ld` wide, then the first `Ho·Wo` columns are kept.
+            let mut out = Vec::with_capacity(g.n * g.o * hw);
+            let mut wide = vec![F::zero(); g.o * ld];
+            for n in 0..g.n {
+                im2col(sample(n), &g, &mut cols, ld);
+                product(&cols, &mut wide);
+                for row in wide.chunks_exact(ld) {
+                    out.extend_from_slice(&row[..hw]);
                 }
             }
-        }
+            out
+        };
         let value = from_vec(&[g.n, g.o, g.ho(), g.wo()], out);
         self.push(value, Op::Conv2d(x, w, g), &[x, w])
     }
@@ -359,38 +376,40 @@ impl<F: Float> Tape<F> {
         let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
         let xs = flat(self.value(x));
         let len = s[0] * s[1] * ho * wo;
-        let (mut src, mut out) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        let (mut src, mut out) = (vec![NONE; len], vec![F::zero(); len]);
         let floor = if relu { F::zero() } else { F::neg_infinity() };
-        // Branch-free arg-max (the comparisons are unpredictable); a maximum that does not
-        // exceed `floor` (ReLU) is reported as NONE.
-        let mut push = |best: usize, v: F| {
-            let keep = v > floor;
-            src.push(if keep { best } else { NONE });
-            out.push(if keep { v } else { F::zero() });
-        };
-        for plane in 0..s[0] * s[1] {
+        let planes = src
+            .chunks_exact_mut(ho * wo)
+            .zip(out.chunks_exact_mut(ho * wo));
+        for (plane, (src, out)) in planes.enumerate() {
             let base = plane * h * w;
-            for oh in 0..ho {
+            let rows = src.chunks_exact_mut(wo).zip(out.chunks_exact_mut(wo));
+            for (oh, (src, out)) in rows.enumerate() {
                 let row0 = base + oh * stride * w;
+                // Branch-free arg-max (the comparisons are unpredictable); a maximum that
+                // does not exceed `floor` (ReLU) reads nothing.
+                let put = |best: usize, v: F, sd: &mut usize, od: &mut F| {
+                    let keep = v > floor;
+                    *sd = if keep { best } else { NONE };
+                    *od = if keep { v } else { F::zero() };
+                };
                 if k == 2 && stride == 2 {
                     let (r0, r1) = (&xs[row0..row0 + w], &xs[row0 + w..row0 + 2 * w]);
-                    for ow in 0..wo {
-                        let j = 2 * ow;
-                        let (mut best, mut v) = (row0 + j, r0[j]);
-                        for (idx, c) in [
-                            (row0 + j + 1, r0[j + 1]),
-                            (row0 + w + j, r1[j]),
-                            (row0 + w + j + 1, r1[j + 1]),
-                        ] {
+                    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                    let dst = src.iter_mut().zip(out.iter_mut());
+                    for (ow, ((a, b), (sd, od))) in windows.zip(dst).enumerate() {
+                        let j = row0 + 2 * ow;
+                        let (mut best, mut v) = (j, a[0]);
+                        for (idx, c) in [(j + 1, a[1]), (j + w, b[0]), (j + w + 1, b[1])] {
                             let gt = c > v;
                             best = if gt { idx } else { best };
                             v = if gt { c } else { v };
                         }
-                        push(best, v);
+                        put(best, v, sd, od);
                     }
                     continue;
                 }
-                for ow in 0..wo {
+                for (ow, (sd, od)) in src.iter_mut().zip(out.iter_mut()).enumerate() {
                     let first = row0 + ow * stride;
                     let (mut best, mut v) = (first, xs[first]);
                     for i in 0..k {
@@ -401,7 +420,7 @@ impl<F: Float> Tape<F> {
                             v = if gt { c } else { v };
                         }
                     }
-                    push(best, v);
+                    put(best, v, sd, od);
                 }
             }
         }

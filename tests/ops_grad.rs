@@ -242,6 +242,62 @@ fn convolution_forward_and_its_adjoints() {
     }
 }
 
+/// Direct-loop reference convolution (stride 1, zero padding `p`).
+fn naive_conv(x: &ArrayD<f64>, w: &ArrayD<f64>, p: usize) -> ArrayD<f64> {
+    let (n, c, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (o, k) = (w.shape()[0], w.shape()[2]);
+    let (ho, wo) = (h + 2 * p + 1 - k, wd + 2 * p + 1 - k);
+    ArrayD::from_shape_fn(IxDyn(&[n, o, ho, wo]), |ix| {
+        let mut s = 0.0;
+        for ci in 0..c {
+            for i in 0..k {
+                for j in 0..k {
+                    let (r, q) = (ix[2] + i, ix[3] + j);
+                    if r >= p && q >= p && r - p < h && q - p < wd {
+                        s += x[[ix[0], ci, r - p, q - p]] * w[[ix[1], ci, i, j]];
+                    }
+                }
+            }
+        }
+        s
+    })
+}
+
+/// Many-channel 3×3 convolutions equal the direct formula, and their adjoints pass the
+/// gradient checks.
+#[test]
+fn many_channel_convolutions() {
+    for (h, wd) in [(8, 8), (9, 11), (14, 14), (17, 16)] {
+        let x = rnd(&[2, 8, h, wd], 90 + h as u64);
+        let w = rnd(&[9, 8, 3, 3], 91);
+        let mut t = Tape::<f64>::new();
+        let (xv, wv) = (t.constant(x.clone()), t.constant(w.clone()));
+        let y = t.conv2d(xv, wv, 1, 1);
+        let d = max_abs_diff(t.value(y), &naive_conv(&x, &w, 1));
+        assert!(d < 1e-12, "{h}x{wd}: {d}");
+    }
+    let x = rnd(&[1, 8, 8, 9], 92);
+    let w = rnd(&[8, 8, 3, 3], 93);
+    check(
+        "conv2d, 8 channels",
+        |t, v| t.conv2d(v[0], v[1], 1, 1),
+        &[x.clone(), w.clone()],
+    );
+    let mut t = Tape::<f64>::new();
+    let (xv, wv) = (t.param(x.clone()), t.param(w.clone()));
+    let y = t.conv2d(xv, wv, 1, 1);
+    let geom = match t.op(y) {
+        metagrad::tape::Op::Conv2d(_, _, g) => *g,
+        op => panic!("unexpected op {op:?}"),
+    };
+    let gy = rnd(t.shape(y), 94);
+    check(
+        "conv2d_input_grad, 8 channels",
+        move |t, v| t.conv2d_input_grad(v[0], v[1], geom),
+        &[gy, w],
+    );
+}
+
 #[test]
 fn pooling() {
     let x = rnd(&[2, 2, 7, 7], 60);

@@ -6,7 +6,7 @@
 
 use metagrad::check::{gradcheck, gradgradcheck, hvp, max_abs_diff};
 use metagrad::{Tape, Var};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{arr1, ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -369,6 +369,55 @@ fn fused_batch_norm() {
             },
             &inputs,
         );
+    }
+}
+
+/// Batch norm, ReLU and max-pooling fused in one op: gradient checks, and the same values
+/// and gradients (both backward forms) as the three ops one after another, with a
+/// negative scale in one channel so that pooling picks minima of `x` there.
+#[test]
+fn fused_batch_norm_relu_max_pool() {
+    let x = rnd(&[3, 2, 5, 4], 87);
+    let (ga, be) = (
+        arr1(&[1.3, -0.7]).into_dyn(),
+        arr1(&[-0.5, -0.4]).into_dyn(),
+    );
+    check(
+        "batch_norm_relu_max_pool2d",
+        |t, v| t.batch_norm_relu_max_pool2d(v[0], v[1], v[2], 1e-5, 2, 2).0,
+        &[x.clone(), ga.clone(), be.clone()],
+    );
+    let w = rnd(&[3, 2, 2, 2], 88);
+    let run = |fused: bool, create_graph: bool| {
+        let mut t = Tape::<f64>::new();
+        let (xv, gv, bv) = (t.param(x.clone()), t.param(ga.clone()), t.param(be.clone()));
+        let y = if fused {
+            t.batch_norm_relu_max_pool2d(xv, gv, bv, 1e-5, 2, 2).0
+        } else {
+            let y = t.batch_norm_batch_stats(xv, gv, bv, 1e-5).0;
+            t.relu_max_pool2d(y, 2, 2)
+        };
+        let wv = t.constant(w.clone());
+        let l = t.mul(y, wv);
+        let l = t.sum(l);
+        let g = t.grad(l, &[xv, gv, bv], create_graph);
+        let mut out = vec![t.value(y).clone()];
+        out.extend(g.iter().map(|&v| t.value(v).clone()));
+        out
+    };
+    let reference = run(false, false);
+    assert!(
+        reference[0].iter().any(|&v| v == 0.0),
+        "some windows are cut by the ReLU"
+    );
+    for cg in [false, true] {
+        for (a, b) in run(true, cg).iter().zip(&reference) {
+            assert!(
+                max_abs_diff(a, b) < 1e-12,
+                "create_graph {cg}: {}",
+                max_abs_diff(a, b)
+            );
+        }
     }
 }
 

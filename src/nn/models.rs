@@ -1,7 +1,7 @@
 //! Ready networks: the sinusoid MLP and Conv-4, and the [`Model`] trait they share.
 
 use super::layers::{conv2d, flatten, linear};
-use super::norm::{batch_norm, group_norm, task_norm, Ctx, Observed};
+use super::norm::{batch_norm, batch_norm_relu_max_pool, group_norm, task_norm, Ctx, Observed};
 use super::Params;
 use crate::{Float, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
@@ -334,13 +334,21 @@ impl<F: Float> Model<F> for Conv4 {
         for b in 0..4 {
             let q = &p[b * bp..(b + 1) * bp];
             h = conv2d(t, h, q[0], q[1], stride, 1);
+            let max_pool = self.downsample == Downsample::MaxPool;
+            // Batch norm with max-pooling runs norm, ReLU and pool as one op.
+            let mut pooled = false;
             h = match self.norm {
                 NormKind::None => h,
                 NormKind::Batch { per_step } => {
                     let s = per_step.map_or(0, |k| ctx.step.min(k - 1));
                     let (g, be) = (q[2 + 2 * s], q[3 + 2 * s]);
                     let running = ctx.running.map(|r| r.get(b, s));
-                    let (y, obs) = batch_norm(t, h, g, be, ctx.mode, running, self.eps);
+                    let (y, obs) = if max_pool {
+                        pooled = true;
+                        batch_norm_relu_max_pool(t, h, g, be, ctx.mode, running, self.eps, 2)
+                    } else {
+                        batch_norm(t, h, g, be, ctx.mode, running, self.eps)
+                    };
                     if let Some((mean, var)) = obs {
                         ctx.observed.push(Observed {
                             layer: b,
@@ -373,10 +381,13 @@ impl<F: Float> Model<F> for Conv4 {
                 }
             };
             // ReLU and max-pooling commute (ReLU is monotone): one gather does both.
-            h = match self.downsample {
-                Downsample::MaxPool => t.relu_max_pool2d(h, 2, 2),
-                Downsample::Strided => t.relu(h),
-            };
+            if !pooled {
+                h = if max_pool {
+                    t.relu_max_pool2d(h, 2, 2)
+                } else {
+                    t.relu(h)
+                };
+            }
         }
         let h = match self.downsample {
             Downsample::MaxPool => flatten(t, h),

@@ -244,16 +244,57 @@ pub fn batch_norm<F: Float>(
         }
         NormMode::Train | NormMode::Transductive => {
             let (y, stats) = t.batch_norm_batch_stats(x, gamma, beta, eps);
-            let observed = (mode == NormMode::Train).then(|| {
-                let n = shape.iter().product::<usize>() / shape[1];
-                let unbias = n as f64 / (n.max(2) - 1) as f64;
-                let m = stats.mean.iter().map(|&m| F::c(m)).collect();
-                let v = stats.var.iter().map(|&v| F::c(v * unbias)).collect();
-                (m, v)
-            });
-            (y, observed)
+            (y, observed(mode, &shape, &stats))
         }
     }
+}
+
+/// [`batch_norm`], then ReLU and `k × k` max-pooling with stride `k` (`x: [N, C, H, W]`).
+/// With batch statistics the three run as one fused op
+/// ([`Tape::batch_norm_relu_max_pool2d`]); the result is the same as the three layers
+/// one after another.
+///
+/// # Panics
+/// As [`batch_norm`] and [`Tape::max_pool2d`].
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_relu_max_pool<F: Float>(
+    t: &mut Tape<F>,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    mode: NormMode,
+    running: Option<&RunningStats<F>>,
+    eps: f64,
+    k: usize,
+) -> (Var, Option<ChannelStats<F>>) {
+    match mode {
+        NormMode::Inductive => {
+            let (y, obs) = batch_norm(t, x, gamma, beta, mode, running, eps);
+            (t.relu_max_pool2d(y, k, k), obs)
+        }
+        NormMode::Train | NormMode::Transductive => {
+            check_norm_input(t, "batch_norm_relu_max_pool", x, gamma, beta);
+            let shape = t.shape(x).to_vec();
+            let (y, stats) = t.batch_norm_relu_max_pool2d(x, gamma, beta, eps, k, k);
+            (y, observed(mode, &shape, &stats))
+        }
+    }
+}
+
+/// The batch statistics to report in [`NormMode::Train`]: mean and unbiased variance.
+fn observed<F: Float>(
+    mode: NormMode,
+    shape: &[usize],
+    stats: &crate::ops::norm::BatchStats,
+) -> Option<ChannelStats<F>> {
+    (mode == NormMode::Train).then(|| {
+        let n = shape.iter().product::<usize>() / shape[1];
+        let unbias = n as f64 / (n.max(2) - 1) as f64;
+        let m = stats.mean.iter().map(|&m| F::c(m)).collect();
+        let v = stats.var.iter().map(|&v| F::c(v * unbias)).collect();
+        (m, v)
+    })
 }
 
 /// Group normalisation of `[N, C, ...]`: channels split into `groups` groups, each

@@ -12,7 +12,7 @@ use crate::ops::linalg::gemm;
 use crate::tape::op::{ConvGeom, Gather, NONE};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayD, ArrayView2, ArrayViewMut2};
 use std::sync::Arc;
 
 /// The output columns `lo..hi` whose input column `ow·stride + j − pad` lies inside
@@ -187,6 +187,92 @@ fn mat<F>(data: &[F], rows: usize, cols: usize) -> ArrayView2<'_, F> {
 
 fn mat_mut<F>(data: &mut [F], rows: usize, cols: usize) -> ArrayViewMut2<'_, F> {
     ArrayViewMut2::from_shape((rows, cols), data).expect("matrix view")
+}
+
+/// Panics unless a `k × k` pooling window with the given stride fits `s` (`[N, C, H, W]`).
+#[track_caller]
+pub(crate) fn check_pool(name: &str, s: &[usize], k: usize, stride: usize) {
+    assert!(
+        s.len() == 4 && k > 0 && stride > 0 && s[2] >= k && s[3] >= k,
+        "metagrad::{name}: window {k} with stride {stride} does not fit input {s:?} \
+         (expected [N, C, H, W])"
+    );
+}
+
+/// Max-pooling of `a·x + b` (`(a, b) = affine(channel)`) over `x` of shape `s`
+/// (`[N, C, H, W]`): the pooled values and the [`Gather`] of each window's first maximal
+/// element. With `relu`, a window whose maximum is not positive reads nothing (zero): the
+/// pooled ReLU.
+pub(crate) fn max_pool<F: Float>(
+    xs: &[F],
+    s: &[usize],
+    k: usize,
+    stride: usize,
+    relu: bool,
+    affine: impl Fn(usize) -> (F, F),
+) -> (ArrayD<F>, Gather) {
+    let (c, h, w) = (s[1], s[2], s[3]);
+    let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
+    let len = s[0] * c * ho * wo;
+    let (mut src, mut out) = (vec![NONE; len], vec![F::zero(); len]);
+    let floor = if relu { F::zero() } else { F::neg_infinity() };
+    let planes = src
+        .chunks_exact_mut(ho * wo)
+        .zip(out.chunks_exact_mut(ho * wo));
+    for (plane, (src, out)) in planes.enumerate() {
+        let (a, b) = affine(plane % c);
+        let base = plane * h * w;
+        let rows = src.chunks_exact_mut(wo).zip(out.chunks_exact_mut(wo));
+        for (oh, (src, out)) in rows.enumerate() {
+            let row0 = base + oh * stride * w;
+            // Branch-free arg-max (the comparisons are unpredictable); a maximum that
+            // does not exceed `floor` (ReLU) reads nothing.
+            let put = |best: usize, v: F, sd: &mut usize, od: &mut F| {
+                let keep = v > floor;
+                *sd = if keep { best } else { NONE };
+                *od = if keep { v } else { F::zero() };
+            };
+            if k == 2 && stride == 2 {
+                let (r0, r1) = (&xs[row0..row0 + w], &xs[row0 + w..row0 + 2 * w]);
+                let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                let dst = src.iter_mut().zip(out.iter_mut());
+                for (ow, ((p, q), (sd, od))) in windows.zip(dst).enumerate() {
+                    let j = row0 + 2 * ow;
+                    let (mut best, mut v) = (j, p[0] * a + b);
+                    for (idx, x) in [(j + 1, p[1]), (j + w, q[0]), (j + w + 1, q[1])] {
+                        let y = x * a + b;
+                        let gt = y > v;
+                        best = if gt { idx } else { best };
+                        v = if gt { y } else { v };
+                    }
+                    put(best, v, sd, od);
+                }
+                continue;
+            }
+            for (ow, (sd, od)) in src.iter_mut().zip(out.iter_mut()).enumerate() {
+                let first = row0 + ow * stride;
+                let (mut best, mut v) = (first, xs[first] * a + b);
+                for i in 0..k {
+                    let row = first + i * w;
+                    for (j, &x) in xs[row..row + k].iter().enumerate() {
+                        let y = x * a + b;
+                        let gt = y > v;
+                        best = if gt { row + j } else { best };
+                        v = if gt { y } else { v };
+                    }
+                }
+                put(best, v, sd, od);
+            }
+        }
+    }
+    let out_shape = vec![s[0], c, ho, wo];
+    let value = from_vec(&out_shape, out);
+    let map = Gather {
+        src,
+        in_shape: s.to_vec(),
+        out_shape,
+    };
+    (value, map)
 }
 
 impl<F: Float> Tape<F> {
@@ -367,70 +453,10 @@ impl<F: Float> Tape<F> {
     #[track_caller]
     fn max_pool_gather(&mut self, name: &str, x: Var, k: usize, stride: usize, relu: bool) -> Var {
         let s = self.shape(x).to_vec();
-        assert!(
-            s.len() == 4 && k > 0 && stride > 0 && s[2] >= k && s[3] >= k,
-            "metagrad::{name}: window {k} with stride {stride} does not fit input {s:?} \
-             (expected [N, C, H, W])"
-        );
-        let (h, w) = (s[2], s[3]);
-        let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
-        let xs = flat(self.value(x));
-        let len = s[0] * s[1] * ho * wo;
-        let (mut src, mut out) = (vec![NONE; len], vec![F::zero(); len]);
-        let floor = if relu { F::zero() } else { F::neg_infinity() };
-        let planes = src
-            .chunks_exact_mut(ho * wo)
-            .zip(out.chunks_exact_mut(ho * wo));
-        for (plane, (src, out)) in planes.enumerate() {
-            let base = plane * h * w;
-            let rows = src.chunks_exact_mut(wo).zip(out.chunks_exact_mut(wo));
-            for (oh, (src, out)) in rows.enumerate() {
-                let row0 = base + oh * stride * w;
-                // Branch-free arg-max (the comparisons are unpredictable); a maximum that
-                // does not exceed `floor` (ReLU) reads nothing.
-                let put = |best: usize, v: F, sd: &mut usize, od: &mut F| {
-                    let keep = v > floor;
-                    *sd = if keep { best } else { NONE };
-                    *od = if keep { v } else { F::zero() };
-                };
-                if k == 2 && stride == 2 {
-                    let (r0, r1) = (&xs[row0..row0 + w], &xs[row0 + w..row0 + 2 * w]);
-                    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
-                    let dst = src.iter_mut().zip(out.iter_mut());
-                    for (ow, ((a, b), (sd, od))) in windows.zip(dst).enumerate() {
-                        let j = row0 + 2 * ow;
-                        let (mut best, mut v) = (j, a[0]);
-                        for (idx, c) in [(j + 1, a[1]), (j + w, b[0]), (j + w + 1, b[1])] {
-                            let gt = c > v;
-                            best = if gt { idx } else { best };
-                            v = if gt { c } else { v };
-                        }
-                        put(best, v, sd, od);
-                    }
-                    continue;
-                }
-                for (ow, (sd, od)) in src.iter_mut().zip(out.iter_mut()).enumerate() {
-                    let first = row0 + ow * stride;
-                    let (mut best, mut v) = (first, xs[first]);
-                    for i in 0..k {
-                        let row = first + i * w;
-                        for (j, &c) in xs[row..row + k].iter().enumerate() {
-                            let gt = c > v;
-                            best = if gt { row + j } else { best };
-                            v = if gt { c } else { v };
-                        }
-                    }
-                    put(best, v, sd, od);
-                }
-            }
-        }
-        let out_shape = vec![s[0], s[1], ho, wo];
-        let value = from_vec(&out_shape, out);
-        let map = Gather {
-            src,
-            in_shape: s,
-            out_shape,
-        };
+        check_pool(name, &s, k, stride);
+        let (value, map) = max_pool(flat(self.value(x)), &s, k, stride, relu, |_| {
+            (F::one(), F::zero())
+        });
         self.push(value, Op::Gather(x, Arc::new(map)), &[x])
     }
 
@@ -477,11 +503,7 @@ impl<F: Float> Tape<F> {
         stride: usize,
     ) -> (Vec<usize>, Vec<usize>) {
         let s = self.shape(x);
-        assert!(
-            s.len() == 4 && k > 0 && stride > 0 && s[2] >= k && s[3] >= k,
-            "metagrad::{name}: window {k} with stride {stride} does not fit input {s:?} \
-             (expected [N, C, H, W])"
-        );
+        check_pool(name, s, k, stride);
         let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
         let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
         let mut idx = Vec::with_capacity(n * c * ho * wo * k * k);

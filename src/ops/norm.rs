@@ -18,6 +18,7 @@
 
 use super::broadcast::sum_slice;
 use super::{flat, from_vec};
+use crate::tape::op::{Gather, NONE};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
 use std::sync::Arc;
@@ -90,16 +91,88 @@ impl<F: Float> Tape<F> {
         beta: Var,
         eps: f64,
     ) -> (Var, Arc<BatchStats>) {
-        let (sx, sg, sb) = (self.shape(x), self.shape(gamma), self.shape(beta));
-        assert!(
-            sx.len() >= 2 && sg == [sx[1]] && sb == [sx[1]],
-            "metagrad::batch_norm_batch_stats: input {sx:?} needs gamma and beta of shape \
-             [{}], got {sg:?} and {sb:?}",
-            sx.get(1).copied().unwrap_or(0)
-        );
+        self.check_batch_norm("batch_norm_batch_stats", x, gamma, beta);
+        let sx = self.shape(x);
         let shape = sx.to_vec();
         let (n, c, p) = ncp(&shape);
         let xs = flat(self.value(x));
+        let (stats, scale, shift) = self.batch_stats(xs, (n, c, p), gamma, beta, eps);
+        let mut out = Vec::with_capacity(xs.len());
+        for (i, plane) in xs.chunks_exact(p.max(1)).enumerate().take(n * c) {
+            let (a, b) = (scale[i % c], shift[i % c]);
+            out.extend(plane.iter().map(|&v| v * a + b));
+        }
+        let stats = Arc::new(stats);
+        let op = Op::BatchNorm {
+            x,
+            gamma,
+            beta,
+            eps,
+            stats: stats.clone(),
+            pool: None,
+        };
+        let y = self.push(from_vec(&shape, out), op, &[x, gamma, beta]);
+        (y, stats)
+    }
+
+    /// [`Tape::batch_norm_batch_stats`], then ReLU and `k × k` max-pooling with the given
+    /// stride (as [`Tape::relu_max_pool2d`]), as one op: the normalised map is never
+    /// stored, only the pooled one, and the backward pass reads the pooled gradient
+    /// directly. `x` is `[N, C, H, W]`.
+    ///
+    /// # Panics
+    /// As [`Tape::batch_norm_batch_stats`] and [`Tape::max_pool2d`].
+    #[track_caller]
+    pub fn batch_norm_relu_max_pool2d(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        eps: f64,
+        k: usize,
+        stride: usize,
+    ) -> (Var, Arc<BatchStats>) {
+        self.check_batch_norm("batch_norm_relu_max_pool2d", x, gamma, beta);
+        let shape = self.shape(x).to_vec();
+        super::conv::check_pool("batch_norm_relu_max_pool2d", &shape, k, stride);
+        let (n, c, p) = ncp(&shape);
+        let xs = flat(self.value(x));
+        let (stats, scale, shift) = self.batch_stats(xs, (n, c, p), gamma, beta, eps);
+        let (value, map) =
+            super::conv::max_pool(xs, &shape, k, stride, true, |ch| (scale[ch], shift[ch]));
+        let stats = Arc::new(stats);
+        let op = Op::BatchNorm {
+            x,
+            gamma,
+            beta,
+            eps,
+            stats: stats.clone(),
+            pool: Some(Arc::new(map)),
+        };
+        (self.push(value, op, &[x, gamma, beta]), stats)
+    }
+
+    #[track_caller]
+    fn check_batch_norm(&self, name: &str, x: Var, gamma: Var, beta: Var) {
+        let (sx, sg, sb) = (self.shape(x), self.shape(gamma), self.shape(beta));
+        assert!(
+            sx.len() >= 2 && sg == [sx[1]] && sb == [sx[1]],
+            "metagrad::{name}: input {sx:?} needs gamma and beta of shape [{}], got {sg:?} \
+             and {sb:?}",
+            sx.get(1).copied().unwrap_or(0)
+        );
+    }
+
+    /// Per-channel mean and biased variance of `xs` (`[N, C, P]`, two passes), and the
+    /// per-channel `scale = gamma / sqrt(var + eps)`, `shift = beta − mean · scale`.
+    fn batch_stats(
+        &self,
+        xs: &[F],
+        (n, c, p): (usize, usize, usize),
+        gamma: Var,
+        beta: Var,
+        eps: f64,
+    ) -> (BatchStats, Vec<F>, Vec<F>) {
         let (gs, bs) = (flat(self.value(gamma)), flat(self.value(beta)));
         let count = (n * p) as f64;
         let mut mean = vec![0.0; c];
@@ -118,25 +191,12 @@ impl<F: Float> Tape<F> {
         let shift: Vec<F> = (0..c)
             .map(|k| F::c(bs[k].f64() - mean[k] * scale[k].f64()))
             .collect();
-        let mut out = Vec::with_capacity(xs.len());
-        for (i, plane) in xs.chunks_exact(p.max(1)).enumerate().take(n * c) {
-            let (a, b) = (scale[i % c], shift[i % c]);
-            out.extend(plane.iter().map(|&v| v * a + b));
-        }
-        let stats = Arc::new(BatchStats { mean, var });
-        let op = Op::BatchNorm {
-            x,
-            gamma,
-            beta,
-            eps,
-            stats: stats.clone(),
-        };
-        let y = self.push(from_vec(&shape, out), op, &[x, gamma, beta]);
-        (y, stats)
+        (BatchStats { mean, var }, scale, shift)
     }
 
-    /// The backward rule of [`Tape::batch_norm_batch_stats`]: `(dx, dgamma, dbeta)` for
-    /// the upstream gradient `g`, each only where `need` says so. See the module docs
+    /// The backward rule of [`Tape::batch_norm_batch_stats`] (and, with `pool`, of
+    /// [`Tape::batch_norm_relu_max_pool2d`], whose upstream gradient `g` is the pooled
+    /// map's): `(dx, dgamma, dbeta)`, each only where `need` says so. See the module docs
     /// for its two forms.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn batch_norm_vjp(
@@ -145,10 +205,15 @@ impl<F: Float> Tape<F> {
         gamma: Var,
         eps: f64,
         stats: &BatchStats,
+        pool: Option<&Arc<Gather>>,
         g: Var,
         need: [bool; 3],
     ) -> [Option<Var>; 3] {
         if self.is_recording() {
+            let g = match pool {
+                Some(map) => self.scatter_add(g, map.clone()),
+                None => g,
+            };
             return self.batch_norm_vjp_graph(x, gamma, eps, g, need);
         }
         let shape = self.shape(x).to_vec();
@@ -159,11 +224,30 @@ impl<F: Float> Tape<F> {
         let count = (n * p) as f64;
         let mu: Vec<F> = stats.mean.iter().map(|&m| F::c(m)).collect();
         let inv: Vec<f64> = stats.var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
-        // Σ g and Σ g·(x − mean) per channel.
+        // Σ g and Σ g·(x − mean) per channel, over the full map or the pooled elements.
         let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
-        for (i, (gp, xp)) in gs.chunks_exact(p).zip(xs.chunks_exact(p)).enumerate() {
-            sg[i % c] += sum_slice(gp).f64();
-            sgx[i % c] += dot_dev(gp, xp, mu[i % c]).f64();
+        match pool {
+            None => {
+                for (i, (gp, xp)) in gs.chunks_exact(p).zip(xs.chunks_exact(p)).enumerate() {
+                    sg[i % c] += sum_slice(gp).f64();
+                    sgx[i % c] += dot_dev(gp, xp, mu[i % c]).f64();
+                }
+            }
+            Some(map) => {
+                let q = gs.len() / (n * c).max(1); // pooled elements per plane
+                for (i, (gp, sp)) in gs.chunks_exact(q).zip(map.src.chunks_exact(q)).enumerate() {
+                    let j = i % c;
+                    let (mut a, mut b) = (F::zero(), F::zero());
+                    for (&gv, &si) in gp.iter().zip(sp) {
+                        if si != NONE {
+                            a += gv;
+                            b += gv * (xs[si] - mu[j]);
+                        }
+                    }
+                    sg[j] += a.f64();
+                    sgx[j] += b.f64();
+                }
+            }
         }
         let dx = need[0].then(|| {
             // dx = γ·inv·(g − Σg/m − x̂·Σ(g·x̂)/m), x̂ = (x − mean)·inv,
@@ -175,14 +259,36 @@ impl<F: Float> Tape<F> {
             let f: Vec<F> = (0..c).map(|j| F::c(-k[j] * sg[j] / count)).collect();
             let k: Vec<F> = k.into_iter().map(F::c).collect();
             let mut out = Vec::with_capacity(xs.len());
-            for (i, (gp, xp)) in gs.chunks_exact(p).zip(xs.chunks_exact(p)).enumerate() {
-                let j = i % c;
-                let (kj, ej, fj, mj) = (k[j], e[j], f[j], mu[j]);
-                out.extend(
-                    gp.iter()
-                        .zip(xp)
-                        .map(|(&gv, &xv)| kj * gv + ej * (xv - mj) + fj),
-                );
+            match pool {
+                None => {
+                    for (i, (gp, xp)) in gs.chunks_exact(p).zip(xs.chunks_exact(p)).enumerate() {
+                        let j = i % c;
+                        let (kj, ej, fj, mj) = (k[j], e[j], f[j], mu[j]);
+                        out.extend(
+                            gp.iter()
+                                .zip(xp)
+                                .map(|(&gv, &xv)| kj * gv + ej * (xv - mj) + fj),
+                        );
+                    }
+                }
+                Some(map) => {
+                    for (i, xp) in xs.chunks_exact(p).enumerate() {
+                        let j = i % c;
+                        let (ej, fj, mj) = (e[j], f[j], mu[j]);
+                        out.extend(xp.iter().map(|&xv| ej * (xv - mj) + fj));
+                    }
+                    // g is zero but at each window's maximum.
+                    let q = gs.len() / (n * c).max(1);
+                    for (i, (gp, sp)) in gs.chunks_exact(q).zip(map.src.chunks_exact(q)).enumerate()
+                    {
+                        let kj = k[i % c];
+                        for (&gv, &si) in gp.iter().zip(sp) {
+                            if si != NONE {
+                                out[si] += kj * gv;
+                            }
+                        }
+                    }
+                }
             }
             from_vec(&shape, out)
         });

@@ -134,7 +134,8 @@ pub enum Op {
     /// Log-softmax along the last axis.
     LogSoftmax(Var),
     /// Batch normalisation of `x` with the batch's own per-channel statistics, then the
-    /// affine map `gamma`, `beta` (fused; see [`crate::ops::norm`]).
+    /// affine map `gamma`, `beta`, then with `pool` the gather of ReLU and max-pooling
+    /// (fused; see [`crate::ops::norm`]).
     BatchNorm {
         /// Input `[N, C, ...]`.
         x: Var,
@@ -146,6 +147,8 @@ pub enum Op {
         eps: f64,
         /// The statistics the forward pass used.
         stats: Arc<BatchStats>,
+        /// For ReLU and max-pooling fused in: each output element's source in `x`.
+        pool: Option<Arc<Gather>>,
     },
 }
 
@@ -180,7 +183,8 @@ impl Op {
             Op::Conv2dInputGrad(..) => "conv2d_input_grad",
             Op::Conv2dWeightGrad(..) => "conv2d_weight_grad",
             Op::LogSoftmax(..) => "log_softmax",
-            Op::BatchNorm { .. } => "batch_norm_batch_stats",
+            Op::BatchNorm { pool: None, .. } => "batch_norm_batch_stats",
+            Op::BatchNorm { .. } => "batch_norm_relu_max_pool2d",
         }
     }
 }

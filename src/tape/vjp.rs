@@ -175,9 +175,10 @@ pub(super) fn vjp<F: Float>(
             beta,
             eps,
             stats,
+            pool,
         } => {
             let ins = [*x, *gamma, *beta];
-            let grads = t.batch_norm_vjp(*x, *gamma, *eps, stats, g, ins.map(need));
+            let grads = t.batch_norm_vjp(*x, *gamma, *eps, stats, pool.as_ref(), g, ins.map(need));
             for (v, gv) in ins.into_iter().zip(grads) {
                 if let Some(gv) = gv {
                     out.push((v, gv));

@@ -372,6 +372,32 @@ fn fused_batch_norm() {
     }
 }
 
+/// The gradient of a batch norm, recorded with `create_graph` (one `batch_norm_grad`
+/// primitive), checked as a function in its own right: its gradient is batch norm's
+/// second derivative and its gradgradcheck the third.
+#[test]
+fn batch_norm_gradient_to_third_order() {
+    let inputs = [rnd(&[3, 2, 2, 2], 95), rnd(&[2], 96), rnd(&[2], 97)];
+    let w = rnd(&[3, 2, 2, 2], 98);
+    let f = move |t: &mut Tape<f64>, v: &[Var]| {
+        let y = t.batch_norm_batch_stats(v[0], v[1], v[2], 1e-3).0;
+        let wv = t.constant(w.clone());
+        let l = t.mul(y, wv);
+        let l = t.sum(l);
+        let g = t.grad(l, &[v[0], v[1]], true);
+        // dx weighted by tanh(x), plus dgamma: both gradients, non-linearly.
+        let th = t.tanh(v[0]);
+        let a = t.mul(g[0], th);
+        let a = t.sum(a);
+        let b = t.sum(g[1]);
+        t.add(a, b)
+    };
+    let r = gradcheck(f.clone(), &inputs);
+    assert!(r.passed(), "second derivative: {r}");
+    let r = gradgradcheck(f, &inputs);
+    assert!(r.passed(), "third derivative: {r}");
+}
+
 /// Batch norm, ReLU and max-pooling fused in one op: gradient checks, and the same values
 /// and gradients (both backward forms) as the three ops one after another, with a
 /// negative scale in one channel so that pooling picks minima of `x` there.

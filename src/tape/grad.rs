@@ -220,6 +220,7 @@ impl Op {
         match self {
             Op::Concat(vs, _) => vs.iter().for_each(|&v| f(v)),
             Op::BatchNorm { x, gamma, beta, .. } => [*x, *gamma, *beta].into_iter().for_each(f),
+            Op::BatchNormGrad { x, gamma, g, .. } => [*x, *gamma, *g].into_iter().for_each(f),
             op => {
                 let (a, b) = op.operands();
                 a.into_iter().chain(b).for_each(f);
@@ -230,7 +231,9 @@ impl Op {
     /// Up to two operands (every op but `Concat`, whose inputs are a list).
     fn operands(&self) -> (Option<Var>, Option<Var>) {
         match self {
-            Op::Leaf | Op::Concat(..) | Op::BatchNorm { .. } => (None, None),
+            Op::Leaf | Op::Concat(..) | Op::BatchNorm { .. } | Op::BatchNormGrad { .. } => {
+                (None, None)
+            }
             Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) => (Some(*a), Some(*b)),
             Op::MatMul { a, b, .. } => (Some(*a), Some(*b)),
             Op::Conv2d(a, b, _) | Op::Conv2dInputGrad(a, b, _) | Op::Conv2dWeightGrad(a, b, _) => {

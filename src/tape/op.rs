@@ -150,6 +150,20 @@ pub enum Op {
         /// For ReLU and max-pooling fused in: each output element's source in `x`.
         pool: Option<Arc<Gather>>,
     },
+    /// The input gradient of [`Op::BatchNorm`] for the upstream gradient `g` (the op
+    /// its backward rule records when a graph is created; see [`crate::ops::norm`]).
+    BatchNormGrad {
+        /// The batch norm's input `[N, C, ...]`.
+        x: Var,
+        /// Its per-channel scale `[C]`.
+        gamma: Var,
+        /// The upstream gradient, shaped like `x`.
+        g: Var,
+        /// Added to the variance.
+        eps: f64,
+        /// The statistics of `x`.
+        stats: Arc<BatchStats>,
+    },
 }
 
 impl Op {
@@ -185,6 +199,7 @@ impl Op {
             Op::LogSoftmax(..) => "log_softmax",
             Op::BatchNorm { pool: None, .. } => "batch_norm_batch_stats",
             Op::BatchNorm { .. } => "batch_norm_relu_max_pool2d",
+            Op::BatchNormGrad { .. } => "batch_norm_grad",
         }
     }
 }

@@ -179,11 +179,26 @@ pub(super) fn vjp<F: Float>(
         } => {
             let ins = [*x, *gamma, *beta];
             let grads = t.batch_norm_vjp(*x, *gamma, *eps, stats, pool.as_ref(), g, ins.map(need));
-            for (v, gv) in ins.into_iter().zip(grads) {
-                if let Some(gv) = gv {
-                    out.push((v, gv));
-                }
-            }
+            out.extend(
+                ins.into_iter()
+                    .zip(grads)
+                    .filter_map(|(v, gv)| Some((v, gv?))),
+            );
+        }
+        Op::BatchNormGrad {
+            x,
+            gamma,
+            g: gin,
+            eps,
+            stats,
+        } => {
+            let ins = [*x, *gamma, *gin];
+            let grads = t.batch_norm_grad_vjp(*x, *gamma, *gin, *eps, stats, g, ins.map(need));
+            out.extend(
+                ins.into_iter()
+                    .zip(grads)
+                    .filter_map(|(v, gv)| Some((v, gv?))),
+            );
         }
     }
 }

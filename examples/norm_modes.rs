@@ -1,7 +1,7 @@
 //! How much does transductive batch norm inflate few-shot accuracy? Measured, not asserted.
 //!
 //! ```text
-//! cargo run --release --example norm_modes                      # ~5 min on 2 cores
+//! cargo run --release --example norm_modes                      # ~4 min on 2 cores
 //! cargo run --release --example norm_modes -- --steps 20 --eval-tasks 50   # smoke run
 //! ```
 //!
@@ -16,7 +16,7 @@
 //! episodes, and ends with `RESULT {json}`.
 //!
 //! The budget is small by default (300 meta-steps of 8 tasks, 32 filters). Measured on 2
-//! cores: 292 s in all; the batch-norm model scored 81.0% ± 0.9% transductive and
+//! cores: 243 s in all; the batch-norm model scored 81.3% ± 0.9% transductive and
 //! 20.6% ± 0.2% inductive (chance: with running statistics the inner steps at rate 0.4
 //! diverge), group norm 36.5% ± 0.9%, TaskNorm-I 70.3% ± 1.0%. The size of the gap depends
 //! on how far training got, so compare runs with the same flags.

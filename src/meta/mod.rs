@@ -11,7 +11,7 @@
 //! The inner loop ([`adapt`]) is the same for all: take the gradient of the support loss
 //! with respect to the adapted parameters — recorded on the tape for second order, as
 //! constants for first order — and apply the update rule. The meta-batch runs through
-//! [`map_tasks`](crate::map_fn::map_tasks), one tape per task, and the meta-gradient is
+//! [`map_tasks`], one tape per task, and the meta-gradient is
 //! reduced in task order, so results do not depend on the number of threads.
 //!
 //! ```

@@ -13,7 +13,7 @@
 //!   fused loops and returns constants.
 //!
 //! Which statistics to use is the caller's choice, made explicit by
-//! [`crate::nn::batch_norm`] and its [`NormMode`](crate::nn::NormMode); this op is the
+//! [`crate::nn::norm::batch_norm`] and its [`NormMode`](crate::nn::NormMode); this op is the
 //! batch-statistics case.
 
 use super::broadcast::sum_slice;
@@ -79,7 +79,7 @@ impl<F: Float> Tape<F> {
     /// (`[C]` each): `(x − mean) / sqrt(var + eps) · gamma + beta`, `var` biased.
     ///
     /// Returns the output and the statistics used. This is the batch-statistics case of
-    /// [`crate::nn::batch_norm`], which takes the train / transductive / inductive choice
+    /// [`crate::nn::norm::batch_norm`], which takes the train / transductive / inductive choice
     /// explicitly; call that unless you are building a layer.
     ///
     /// # Panics

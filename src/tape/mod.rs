@@ -3,7 +3,7 @@
 //! A [`Tape`] is an arena of nodes in the order they were computed; a [`Var`] is an index
 //! into it. Each node holds its value (a row-major `ndarray` array) and the [`Op`] that
 //! produced it. [`Tape::grad`] walks the tape backwards and applies each op's backward rule
-//! ([`vjp`]); the rules are written with the same tape ops users call, so with
+//! (`vjp.rs`); the rules are written with the same tape ops users call, so with
 //! `create_graph = true` the gradients are ordinary tape values that can be differentiated
 //! again (Hessian-vector products, MAML meta-gradients through the inner update).
 //!

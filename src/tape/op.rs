@@ -1,6 +1,6 @@
 //! The closed set of primitive operations a tape records.
 //!
-//! Every variant has exactly one backward rule in [`super::vjp`], written with the tape's
+//! Every variant has exactly one backward rule in `vjp.rs`, written with the tape's
 //! own ops; the `match` there is exhaustive, so an op without a rule does not compile,
 //! and every rule is itself differentiable. Composite operations (softmax, cross-entropy,
 //! batch norm, max-pool, ...) are built from these in [`crate::ops`].

@@ -63,6 +63,9 @@ pub struct CheckReport {
     pub numeric: f64,
     /// `|analytic − numeric| / max(|analytic|, |numeric|)` there.
     pub rel_err: f64,
+    /// Whether the worst element's analytic derivative came from the recorded form of the
+    /// backward pass (`create_graph = true`) rather than the unrecorded one.
+    pub worst_recorded: bool,
     /// The largest `|analytic − numeric|` over all elements.
     pub max_abs_err: f64,
     /// How many (element, form) pairs were checked: each element's derivative is
@@ -83,12 +86,18 @@ impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} over {} elements; worst: input {} element {}: analytic {:.10e}, numeric \
-             {:.10e}, relative error {:.3e} (max abs error {:.3e})",
+            "{} over {} checks (elements × both backward forms); worst: input {} element {} \
+             ({} form): analytic {:.10e}, numeric {:.10e}, relative error {:.3e} (max abs \
+             error {:.3e})",
             if self.ok { "passed" } else { "FAILED" },
             self.checked,
             self.worst_input,
             self.worst_index,
+            if self.worst_recorded {
+                "recorded"
+            } else {
+                "unrecorded"
+            },
             self.analytic,
             self.numeric,
             self.rel_err,
@@ -152,6 +161,7 @@ where
         analytic: 0.0,
         numeric: 0.0,
         rel_err: 0.0,
+        worst_recorded: false,
         max_abs_err: 0.0,
         checked: 0,
         ok: true,
@@ -167,7 +177,7 @@ where
             let down = eval(&xs);
             xs[i].as_slice_mut().expect("row-major")[j] = orig;
             let num = (up - down) / (2.0 * opts.eps);
-            for form in &forms {
+            for (recorded, form) in [false, true].into_iter().zip(&forms) {
                 let ana = form[i].as_slice().expect("row-major")[j];
                 let err = (ana - num).abs();
                 let ratio = err / (opts.atol + opts.rtol * num.abs());
@@ -180,6 +190,7 @@ where
                     worst_ratio = if ratio.is_nan() { f64::INFINITY } else { ratio };
                     report.worst_input = i;
                     report.worst_index = j;
+                    report.worst_recorded = recorded;
                     report.analytic = ana;
                     report.numeric = num;
                     report.rel_err = err / ana.abs().max(num.abs()).max(f64::MIN_POSITIVE);

@@ -263,6 +263,37 @@ fn naive_conv(x: &ArrayD<f64>, w: &ArrayD<f64>, p: usize) -> ArrayD<f64> {
     })
 }
 
+/// Maps thinner than the padding (a 1-row input under 3×3 padding 1, a 2-row input under
+/// 5×5 padding 2) against the direct formula, and max-pooling of windows whose maximum is
+/// −∞, which plain max-pooling keeps (only the ReLU variant reads nothing there).
+#[test]
+fn thin_maps_and_infinite_windows() {
+    for (shape, k, p) in [
+        ([1, 2, 1, 3], 3, 1),
+        ([2, 1, 2, 5], 5, 2),
+        ([1, 1, 3, 1], 3, 1),
+    ] {
+        let x = rnd(&shape, 99);
+        let w = rnd(&[2, shape[1], k, k], 100);
+        let mut t = Tape::<f64>::new();
+        let (xv, wv) = (t.constant(x.clone()), t.constant(w.clone()));
+        let y = t.conv2d(xv, wv, 1, p);
+        let d = max_abs_diff(t.value(y), &naive_conv(&x, &w, p));
+        assert!(d < 1e-12, "{shape:?} k {k}: {d}");
+        check(
+            "conv2d on a thin map",
+            move |t, v| t.conv2d(v[0], v[1], 1, p),
+            &[x, w],
+        );
+    }
+    let mut t = Tape::<f64>::new();
+    let x = t.constant(ArrayD::from_elem(IxDyn(&[1, 1, 2, 2]), f64::NEG_INFINITY));
+    let y = t.max_pool2d(x, 2, 2);
+    assert_eq!(t.value(y)[[0, 0, 0, 0]], f64::NEG_INFINITY);
+    let y = t.relu_max_pool2d(x, 2, 2);
+    assert_eq!(t.value(y)[[0, 0, 0, 0]], 0.0);
+}
+
 /// Many-channel 3×3 convolutions equal the direct formula, and their adjoints pass the
 /// gradient checks.
 #[test]

@@ -208,7 +208,8 @@ pub enum Downsample {
 }
 
 /// Conv-4: four blocks of 3×3 conv → norm → ReLU (→ 2×2 max-pool; ReLU and pool are
-/// computed together by [`Tape::relu_max_pool2d`]), then a linear head of
+/// computed together by [`Tape::relu_max_pool2d`], and with batch statistics the norm
+/// too, by [`Tape::batch_norm_relu_max_pool2d`]), then a linear head of
 /// `ways` outputs. Parameters per block `b{i}.conv.w`, `b{i}.conv.b`, then the norm's
 /// (`b{i}.norm.gamma`, `b{i}.norm.beta`, per step with a `.s{k}` suffix; TaskNorm adds
 /// `b{i}.norm.scale`, `b{i}.norm.offset`); then `head.w: [ways, features]`, `head.b`.

@@ -31,9 +31,10 @@ fn valid_cols(wo: usize, w: usize, stride: usize, pad: usize, j: usize) -> (usiz
     (lo.min(hi), hi)
 }
 
-/// Row length of the column buffers: `Ho·Wo` rounded up to 16, so that the matrix
-/// product's kernels can read the columns in place instead of packing a copy. The extra
-/// columns stay zero.
+/// Row length of the forward op's column buffer: `Ho·Wo` rounded up to 16, so that the
+/// matrix product's kernels can read the columns in place instead of packing a copy. The
+/// extra columns stay zero. (The adjoints' products take their operands differently and
+/// gain nothing from it.)
 fn col_stride(g: &ConvGeom) -> usize {
     (g.ho() * g.wo()).div_ceil(16) * 16
 }
@@ -51,7 +52,7 @@ fn shift(
     i: usize,
     j: usize,
 ) -> Option<(isize, usize, usize, std::ops::Range<usize>)> {
-    if g.stride != 1 || g.ho() != g.h || g.wo() != g.w || g.pad >= g.w {
+    if g.stride != 1 || g.ho() != g.h || g.wo() != g.w || g.pad >= g.w || g.pad >= g.h {
         return None;
     }
     let hw = (g.h * g.w) as isize;
@@ -215,7 +216,7 @@ pub(crate) fn max_pool<F: Float>(
     let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
     let len = s[0] * c * ho * wo;
     let (mut src, mut out) = (vec![NONE; len], vec![F::zero(); len]);
-    let floor = if relu { F::zero() } else { F::neg_infinity() };
+
     let planes = src
         .chunks_exact_mut(ho * wo)
         .zip(out.chunks_exact_mut(ho * wo));
@@ -225,10 +226,10 @@ pub(crate) fn max_pool<F: Float>(
         let rows = src.chunks_exact_mut(wo).zip(out.chunks_exact_mut(wo));
         for (oh, (src, out)) in rows.enumerate() {
             let row0 = base + oh * stride * w;
-            // Branch-free arg-max (the comparisons are unpredictable); a maximum that
-            // does not exceed `floor` (ReLU) reads nothing.
+            // Branch-free arg-max (the comparisons are unpredictable); with the ReLU, a
+            // maximum that is not positive reads nothing.
             let put = |best: usize, v: F, sd: &mut usize, od: &mut F| {
-                let keep = v > floor;
+                let keep = !relu || v > F::zero();
                 *sd = if keep { best } else { NONE };
                 *od = if keep { v } else { F::zero() };
             };

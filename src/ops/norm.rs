@@ -240,7 +240,7 @@ impl<F: Float> Tape<F> {
             None => sums(xs, gs, &cs.mu, c, p),
             Some(map) => {
                 let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
-                let q = gs.len() / (n * c).max(1); // pooled elements per plane
+                let q = (gs.len() / (n * c).max(1)).max(1); // pooled elements per plane
                 for (i, (gp, sp)) in gs.chunks_exact(q).zip(map.src.chunks_exact(q)).enumerate() {
                     let j = i % c;
                     let (mut a, mut b) = (F::zero(), F::zero());
@@ -268,7 +268,7 @@ impl<F: Float> Tape<F> {
                         out.extend(xp.iter().map(|&xv| ej * (xv - mj) + fj));
                     }
                     // g is zero but at each window's maximum.
-                    let q = gs.len() / (n * c).max(1);
+                    let q = (gs.len() / (n * c).max(1)).max(1);
                     for (i, (gp, sp)) in gs.chunks_exact(q).zip(map.src.chunks_exact(q)).enumerate()
                     {
                         let kj = k[i % c];

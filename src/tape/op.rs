@@ -2,8 +2,10 @@
 //!
 //! Every variant has exactly one backward rule in `vjp.rs`, written with the tape's
 //! own ops; the `match` there is exhaustive, so an op without a rule does not compile,
-//! and every rule is itself differentiable. Composite operations (softmax, cross-entropy,
-//! batch norm, max-pool, ...) are built from these in [`crate::ops`].
+//! and every rule is itself differentiable. (The fused batch-norm ops' rules also have a
+//! fast form used when nothing is recorded; see [`crate::ops::norm`].) Composite
+//! operations (softmax, cross-entropy, group norm, max-pool, ...) are built from these in
+//! [`crate::ops`].
 
 use super::Var;
 use crate::ops::norm::BatchStats;

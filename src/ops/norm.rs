@@ -92,28 +92,7 @@ impl<F: Float> Tape<F> {
         beta: Var,
         eps: f64,
     ) -> (Var, Arc<BatchStats>) {
-        self.check_batch_norm("batch_norm_batch_stats", x, gamma, beta);
-        let sx = self.shape(x);
-        let shape = sx.to_vec();
-        let (n, c, p) = ncp(&shape);
-        let xs = flat(self.value(x));
-        let (stats, scale, shift) = self.batch_stats(xs, (n, c, p), gamma, beta, eps);
-        let mut out = Vec::with_capacity(xs.len());
-        for (i, plane) in xs.chunks_exact(p.max(1)).enumerate().take(n * c) {
-            let (a, b) = (scale[i % c], shift[i % c]);
-            out.extend(plane.iter().map(|&v| v * a + b));
-        }
-        let stats = Arc::new(stats);
-        let op = Op::BatchNorm {
-            x,
-            gamma,
-            beta,
-            eps,
-            stats: stats.clone(),
-            pool: None,
-        };
-        let y = self.push(from_vec(&shape, out), op, &[x, gamma, beta]);
-        (y, stats)
+        self.batch_norm_fused("batch_norm_batch_stats", x, gamma, beta, eps, None)
     }
 
     /// [`Tape::batch_norm_batch_stats`], then ReLU and `k × k` max-pooling with the given
@@ -133,14 +112,45 @@ impl<F: Float> Tape<F> {
         k: usize,
         stride: usize,
     ) -> (Var, Arc<BatchStats>) {
-        self.check_batch_norm("batch_norm_relu_max_pool2d", x, gamma, beta);
+        let name = "batch_norm_relu_max_pool2d";
+        self.batch_norm_fused(name, x, gamma, beta, eps, Some((k, stride)))
+    }
+
+    /// The forward pass of both: statistics, then the affine map, or the affine map, ReLU
+    /// and max-pooling (`pool = Some((k, stride))`) in one pass.
+    #[track_caller]
+    fn batch_norm_fused(
+        &mut self,
+        name: &str,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        eps: f64,
+        pool: Option<(usize, usize)>,
+    ) -> (Var, Arc<BatchStats>) {
+        self.check_batch_norm(name, x, gamma, beta);
         let shape = self.shape(x).to_vec();
-        super::conv::check_pool("batch_norm_relu_max_pool2d", &shape, k, stride);
+        if let Some((k, stride)) = pool {
+            super::conv::check_pool(name, &shape, k, stride);
+        }
         let (n, c, p) = ncp(&shape);
         let xs = flat(self.value(x));
         let (stats, scale, shift) = self.batch_stats(xs, (n, c, p), gamma, beta, eps);
-        let (value, map) =
-            super::conv::max_pool(xs, &shape, k, stride, true, |ch| (scale[ch], shift[ch]));
+        let (value, map) = match pool {
+            None => {
+                let mut out = Vec::with_capacity(xs.len());
+                for (i, plane) in xs.chunks_exact(p.max(1)).enumerate().take(n * c) {
+                    let (a, b) = (scale[i % c], shift[i % c]);
+                    out.extend(plane.iter().map(|&v| v * a + b));
+                }
+                (from_vec(&shape, out), None)
+            }
+            Some((k, stride)) => {
+                let affine = |ch: usize| (scale[ch], shift[ch]);
+                let (value, map) = super::conv::max_pool(xs, &shape, k, stride, true, affine);
+                (value, Some(Arc::new(map)))
+            }
+        };
         let stats = Arc::new(stats);
         let op = Op::BatchNorm {
             x,
@@ -148,7 +158,7 @@ impl<F: Float> Tape<F> {
             beta,
             eps,
             stats: stats.clone(),
-            pool: Some(Arc::new(map)),
+            pool: map,
         };
         (self.push(value, op, &[x, gamma, beta]), stats)
     }

@@ -29,8 +29,8 @@
 //!
 //! Cost: with the defaults (64 filters, meta-batch 32, second order) one meta-step takes
 //! about 1.45 s on 2 cores (`cargo bench --bench maml_step`, W2), so the default 2000
-//! steps take about 50 minutes; `--first-order`, `--meta-batch 8` or `--filters 32` make it
-//! several times cheaper.
+//! steps come to about 50 minutes by that figure; `--first-order`, `--meta-batch 8` or
+//! `--filters 32` make it several times cheaper.
 //!
 //! Writes the training curve (`curve.csv`: step, loss, accuracy, seconds; `curve.svg`) to
 //! `--out`; with `--checkpoint-dir`, saves `checkpoint.json` there atomically every

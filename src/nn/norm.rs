@@ -191,16 +191,6 @@ fn normalise<F: Float>(
     t.add(y, shift)
 }
 
-#[track_caller]
-fn check_norm_input<F: Float>(t: &Tape<F>, name: &str, x: Var, gamma: Var, beta: Var) {
-    let (sx, sg, sb) = (t.shape(x), t.shape(gamma), t.shape(beta));
-    assert!(
-        sx.len() >= 2 && sg == [sx[1]] && sb == [sx[1]],
-        "metagrad::{name}: input {sx:?} needs gamma and beta of shape [{}], got {sg:?} and {sb:?}",
-        sx.get(1).copied().unwrap_or(0)
-    );
-}
-
 /// Per-channel `(mean, unbiased variance)` of a batch.
 pub type ChannelStats<F> = (Vec<F>, Vec<F>);
 
@@ -225,7 +215,7 @@ pub fn batch_norm<F: Float>(
     running: Option<&RunningStats<F>>,
     eps: f64,
 ) -> (Var, Option<ChannelStats<F>>) {
-    check_norm_input(t, "batch_norm", x, gamma, beta);
+    t.check_norm_affine("batch_norm", x, gamma, beta);
     let shape = t.shape(x).to_vec();
     let cs = channel_shape(&shape);
     match mode {
@@ -274,7 +264,6 @@ pub fn batch_norm_relu_max_pool<F: Float>(
             (t.relu_max_pool2d(y, k, k), obs)
         }
         NormMode::Train | NormMode::Transductive => {
-            check_norm_input(t, "batch_norm_relu_max_pool", x, gamma, beta);
             let shape = t.shape(x).to_vec();
             let (y, stats) = t.batch_norm_relu_max_pool2d(x, gamma, beta, eps, k, k);
             (y, observed(mode, &shape, &stats))
@@ -313,7 +302,7 @@ pub fn group_norm<F: Float>(
     groups: usize,
     eps: f64,
 ) -> Var {
-    check_norm_input(t, "group_norm", x, gamma, beta);
+    t.check_norm_affine("group_norm", x, gamma, beta);
     let shape = t.shape(x).to_vec();
     assert!(
         groups > 0 && shape[1].is_multiple_of(groups),
@@ -361,7 +350,7 @@ pub fn task_norm<F: Float>(
     context: Option<(Var, Var, usize)>,
     eps: f64,
 ) -> (Var, (Var, Var, usize)) {
-    check_norm_input(t, "task_norm", x, gamma, beta);
+    t.check_norm_affine("task_norm", x, gamma, beta);
     let shape = t.shape(x).to_vec();
     assert!(
         shape.len() == 4,

@@ -47,11 +47,7 @@ type Shift = (isize, usize, usize, std::ops::Range<usize>);
 /// `q` reads `q + d`, in range for `q` in `lo..hi`, except the `|j − pad|` columns at the
 /// left or right edge that wrap around to a neighbouring row. `None` if the geometry is
 /// not of that kind.
-fn shift(
-    g: &ConvGeom,
-    i: usize,
-    j: usize,
-) -> Option<(isize, usize, usize, std::ops::Range<usize>)> {
+fn shift(g: &ConvGeom, i: usize, j: usize) -> Option<Shift> {
     if g.stride != 1 || g.ho() != g.h || g.wo() != g.w || g.pad >= g.w || g.pad >= g.h {
         return None;
     }

@@ -128,7 +128,7 @@ impl<F: Float> Tape<F> {
         eps: f64,
         pool: Option<(usize, usize)>,
     ) -> (Var, Arc<BatchStats>) {
-        self.check_batch_norm(name, x, gamma, beta);
+        self.check_norm_affine(name, x, gamma, beta);
         let shape = self.shape(x).to_vec();
         if let Some((k, stride)) = pool {
             super::conv::check_pool(name, &shape, k, stride);
@@ -163,8 +163,10 @@ impl<F: Float> Tape<F> {
         (self.push(value, op, &[x, gamma, beta]), stats)
     }
 
+    /// Panics unless `x` is `[N, C, ...]` and `gamma`, `beta` are `[C]`, naming the op
+    /// and the shapes (shared by every normalisation layer).
     #[track_caller]
-    fn check_batch_norm(&self, name: &str, x: Var, gamma: Var, beta: Var) {
+    pub(crate) fn check_norm_affine(&self, name: &str, x: Var, gamma: Var, beta: Var) {
         let (sx, sg, sb) = (self.shape(x), self.shape(gamma), self.shape(beta));
         assert!(
             sx.len() >= 2 && sg == [sx[1]] && sb == [sx[1]],
@@ -358,7 +360,6 @@ impl<F: Float> Tape<F> {
         let shape = self.shape(x).to_vec();
         let (n, c, p) = ncp(&shape);
         let p = p.max(1);
-        let m = (n * p) as f64;
         let (xs, gs, ys) = (
             flat(self.value(x)),
             flat(self.value(g)),
@@ -366,6 +367,7 @@ impl<F: Float> Tape<F> {
         );
         let gam = flat(self.value(gamma));
         let cs = ChannelConsts::new(stats, eps, n * p);
+        let m = cs.count;
         // Per channel: Σg, Σg·(x−μ), Σgy, Σgy·(x−μ), Σgy·g.
         let mut acc = vec![[0.0f64; 5]; c];
         for (i, ((xp, gp), yp)) in xs

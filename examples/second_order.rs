@@ -189,7 +189,9 @@ fn part2(rng: &mut ChaCha8Rng) -> Result<serde_json::Value, Box<dyn Error>> {
         for (p, d) in l.params.tensors_mut().iter_mut().zip(shift) {
             p.scaled_add(scale, d);
         }
-        l.evaluate(&task, inner_steps, NormMode::Transductive).0
+        l.evaluate(&task, inner_steps, NormMode::Transductive)
+            .expect("a finite loss near the learned parameters")
+            .0
     };
     let dot = |a: &[ArrayD<f64>], b: &[ArrayD<f64>]| -> f64 {
         a.iter().zip(b).map(|(x, y)| (x * y).sum()).sum()

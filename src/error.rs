@@ -1,11 +1,12 @@
 //! The crate's one error type for everything the caller can act on: files, data,
-//! configurations and checkpoints. (Shape misuse in tape ops is a programming error
-//! and panics instead, naming the op and both shapes.)
+//! configurations, checkpoints, failed tasks and non-finite steps. (Shape misuse in tape
+//! ops is a programming error and panics instead, naming the op and both shapes.)
 
 use std::fmt;
 use std::path::PathBuf;
 
-/// Errors from data loading, task sampling, configuration and checkpoints.
+/// Errors from data loading, task sampling, configuration, checkpoints, tasks and
+/// non-finite steps.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -53,6 +54,20 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A meta-step or an evaluation whose result is not finite (NaN or ±∞). The
+    /// learner, its optimiser and its statistics were left exactly as they were.
+    NonFinite {
+        /// What was running: `"meta_step"`, `"reptile_step"` or `"evaluate"`.
+        during: &'static str,
+        /// The learner's meta-step counter at the time.
+        step: u64,
+        /// Indices (in the batch given) of the tasks whose loss or gradient is not
+        /// finite; empty when every task was finite and only the combined update was not.
+        tasks: Vec<usize>,
+        /// The first parameter (or running statistic) whose update is not finite, when
+        /// one is known.
+        param: Option<String>,
+    },
     /// A task of the meta-batch mapper failed (panicked); `message` is its panic message.
     Task {
         /// Index of the failing task along dimension 0.
@@ -79,6 +94,24 @@ impl fmt::Display for Error {
             Error::Config(message) => write!(f, "invalid configuration: {message}"),
             Error::Checkpoint { path, message } => {
                 write!(f, "bad checkpoint {}: {message}", path.display())
+            }
+            Error::NonFinite {
+                during,
+                step,
+                tasks,
+                param,
+            } => {
+                write!(
+                    f,
+                    "{during} at meta-step {step}: not finite (NaN or infinity)"
+                )?;
+                if !tasks.is_empty() {
+                    write!(f, " in the loss or gradient of task(s) {tasks:?}")?;
+                }
+                if let Some(p) = param {
+                    write!(f, "; first parameter affected: {p}")?;
+                }
+                write!(f, "; nothing was changed")
             }
             Error::Task { index, message } => write!(f, "task {index} failed: {message}"),
         }

@@ -120,14 +120,33 @@ fn per_task<F: Float, M: Model<F>>(
     check_running_stats(learner, mode)?;
     let results = map_tasks(tasks.len(), parallel_iterations, |i| {
         learner.evaluate(&tasks[i], steps, mode)
-    })
-    .map_err(|e| match e {
-        Error::Task { index, message } => Error::Task {
-            index: index + first_index,
-            message,
-        },
-        e => e,
     })?;
+    // The first failing task, numbered in the whole evaluation.
+    let results = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.map_err(|e| match e {
+                Error::Task { message, .. } => Error::Task {
+                    index: i + first_index,
+                    message,
+                },
+                Error::NonFinite {
+                    during,
+                    step,
+                    param,
+                    ..
+                } => Error::NonFinite {
+                    during,
+                    step,
+                    tasks: vec![i + first_index],
+                    param,
+                },
+                Error::Config(m) => Error::Config(format!("task {}: {m}", i + first_index)),
+                e => e,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     results
         .into_iter()
         .enumerate()

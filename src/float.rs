@@ -31,6 +31,22 @@ pub trait Float:
     fn c(v: f64) -> Self;
     /// Widens to `f64`.
     fn f64(self) -> f64;
+    /// IEEE 754-2019 `maximum`: the larger of the two, and NaN if either is NaN (Rust's
+    /// `max` returns the other operand instead, which would hide a NaN).
+    #[inline]
+    fn maximum(self, other: Self) -> Self {
+        if self > other || self.is_nan() {
+            self
+        } else {
+            other
+        }
+    }
+    /// Whether `new` replaces `best` in a first-maximum scan that propagates NaN: when
+    /// it is larger, or when it is NaN (so the scan ends on a NaN if there is one).
+    #[inline]
+    fn beats(new: Self, best: Self) -> bool {
+        new > best || new.is_nan()
+    }
 }
 
 impl Float for f32 {

@@ -302,7 +302,12 @@ fn a_few_hundred_meta_steps_of_maml_learn_to_adapt_on_sinusoids() {
     );
     let mse = |steps: usize| -> f64 {
         test.iter()
-            .map(|t| learner.evaluate(t, steps, NormMode::Transductive).0)
+            .map(|t| {
+                learner
+                    .evaluate(t, steps, NormMode::Transductive)
+                    .unwrap()
+                    .0
+            })
             .sum::<f64>()
             / test.len() as f64
     };
@@ -361,8 +366,12 @@ fn evaluation_with_more_steps_than_training_uses_learned_rates() {
         MetaConfig::maml(2, 0.01).with_rule(InnerRule::PerLayerPerStep),
         17,
     );
-    let (l0, _) = learner.evaluate(&tasks[0], 0, NormMode::Transductive);
-    let (l5, _) = learner.evaluate(&tasks[0], 5, NormMode::Transductive);
+    let (l0, _) = learner
+        .evaluate(&tasks[0], 0, NormMode::Transductive)
+        .unwrap();
+    let (l5, _) = learner
+        .evaluate(&tasks[0], 5, NormMode::Transductive)
+        .unwrap();
     assert!(l5 < l0);
 }
 

@@ -24,7 +24,7 @@
 //! let tasks = Task::from_sinusoid(&batch);
 //! let stats = learner.meta_step(&tasks, &mut opt).unwrap();
 //! assert!(stats.loss.is_finite());
-//! let (loss, _) = learner.evaluate(&tasks[0], 5, NormMode::Transductive);
+//! let (loss, _) = learner.evaluate(&tasks[0], 5, NormMode::Transductive).unwrap();
 //! assert!(loss.is_finite());
 //! ```
 
@@ -36,7 +36,7 @@ pub use task::Task;
 
 use crate::map_fn::map_tasks;
 use crate::nn::{Ctx, Model, NormMode, NormState, Observed, Params, Targets};
-use crate::{Float, Result, Tape, Var};
+use crate::{Error, Float, Result, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +107,27 @@ pub struct MetaConfig {
     /// number and the meta-batch size, never on the thread count, so results stay
     /// thread-independent.
     pub task_chunk: usize,
+    /// What a meta-step does when a task's loss or the meta-gradient is not finite
+    /// (NaN or ±∞): refuse with [`Error::NonFinite`](crate::Error::NonFinite) (the
+    /// default) or skip the step and count it. Either way, nothing non-finite ever
+    /// reaches the parameters.
+    #[serde(default)]
+    pub on_non_finite: NonFinite,
+}
+
+/// What [`MetaLearner::meta_step`] and [`MetaLearner::reptile_step`] do with a step
+/// whose loss or update is not finite. In both cases the learner's parameters, running
+/// statistics, step counter and the optimiser's state stay exactly as they were.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NonFinite {
+    /// Return [`Error::NonFinite`](crate::Error::NonFinite), naming the meta-step, the
+    /// tasks and the first parameter affected.
+    #[default]
+    Error,
+    /// Skip the step, count it in [`MetaLearner::skipped_steps`], and report it in
+    /// [`StepStats::skipped`] (as PyTorch's gradient scaler skips steps with
+    /// non-finite gradients in mixed precision).
+    Skip,
 }
 
 fn default_task_chunk() -> usize {
@@ -125,6 +146,7 @@ impl MetaConfig {
             train_mode: NormMode::Train,
             parallel_iterations: usize::MAX,
             task_chunk: default_task_chunk(),
+            on_non_finite: NonFinite::Error,
         }
     }
 
@@ -139,6 +161,27 @@ impl MetaConfig {
         self.order = order;
         self
     }
+
+    /// The same with another policy for non-finite steps.
+    pub fn with_non_finite(mut self, policy: NonFinite) -> Self {
+        self.on_non_finite = policy;
+        self
+    }
+
+    /// Checks that the configuration can produce meaningful steps.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) for an inner learning rate that is not
+    /// finite.
+    pub fn validate(&self) -> Result<()> {
+        if !self.inner_lr.is_finite() {
+            return Err(Error::Config(format!(
+                "the inner learning rate is {}; it must be a finite number",
+                self.inner_lr
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What one meta-step measured (before its update).
@@ -150,6 +193,9 @@ pub struct StepStats {
     pub accuracy: Option<f64>,
     /// Whether the meta-gradient was second order.
     pub second_order: bool,
+    /// Whether the step was skipped because its loss or update was not finite (under
+    /// [`NonFinite::Skip`]); nothing changed then, and `loss` says what was measured.
+    pub skipped: bool,
 }
 
 /// The inner loop shared by every method: `steps` updates of the adapted parameters
@@ -244,6 +290,54 @@ fn predict<F: Float, M: Model<F> + ?Sized>(
     model.forward(t, p, x, ctx)
 }
 
+/// What one tape computed for a group of tasks: the meta-gradient (or, for Reptile, the
+/// adapted parameters), the summed loss, and what it observed.
+struct GroupResult<F: Float> {
+    result: Vec<ArrayD<F>>,
+    loss: f64,
+    accuracy: Option<f64>,
+    observed: Vec<Observed<F>>,
+    /// Whether the loss and every tensor of `result` are finite.
+    finite: bool,
+}
+
+/// Group results folded in task order.
+struct Reduced<F: Float> {
+    sums: Vec<ArrayD<F>>,
+    stats: StepStats,
+    observed: Vec<Observed<F>>,
+}
+
+/// A meta-batch's update, ready to be applied, and the tasks that were not finite.
+struct BatchResult<F: Float> {
+    update: Vec<ArrayD<F>>,
+    stats: StepStats,
+    observed: Vec<Observed<F>>,
+    bad_tasks: Vec<usize>,
+}
+
+fn all_finite<F: Float>(a: &ArrayD<F>) -> bool {
+    a.iter().all(|v| v.is_finite())
+}
+
+/// The first running statistic that is not finite, named.
+fn first_non_finite_stats<F: Float>(norm: &NormState<F>) -> Option<String> {
+    norm.stats.iter().enumerate().find_map(|(layer, steps)| {
+        steps.iter().enumerate().find_map(|(step, r)| {
+            let bad = r.mean.iter().chain(&r.var).any(|v| !v.is_finite());
+            bad.then(|| format!("running statistics of batch norm {layer} (inner step {step})"))
+        })
+    })
+}
+
+/// An error of a task run alone, renumbered as task `index` of its batch.
+fn reindex(e: Error, index: usize) -> Error {
+    match e {
+        Error::Task { message, .. } => Error::Task { index, message },
+        e => e,
+    }
+}
+
 /// A meta-learner: a network, its meta-parameters (network weights, then any learned
 /// inner rates, named `inner_lr.<param>`), running normalisation statistics, and the
 /// configuration.
@@ -257,8 +351,11 @@ pub struct MetaLearner<F: Float, M> {
     pub norm: NormState<F>,
     /// Hyper-parameters.
     pub config: MetaConfig,
-    /// Meta-steps taken.
+    /// Meta-steps taken (applied updates; skipped steps do not count).
     pub step: u64,
+    /// Meta-steps skipped because their update was not finite (under
+    /// [`NonFinite::Skip`]).
+    pub skipped_steps: u64,
     net_len: usize,
 }
 
@@ -297,6 +394,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             norm,
             config,
             step: 0,
+            skipped_steps: 0,
             net_len,
         }
     }
@@ -304,9 +402,18 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// Replaces the meta-parameters (e.g. from a checkpoint).
     ///
     /// # Errors
-    /// A message naming the first name or shape that differs.
-    pub fn set_params(&mut self, params: Params<F>) -> std::result::Result<(), String> {
-        self.params.check_same_layout(&params)?;
+    /// [`Error::Config`](crate::Error::Config) naming the first name or shape that
+    /// differs, or the first parameter that is not finite; the learner is then unchanged.
+    pub fn set_params(&mut self, params: Params<F>) -> Result<()> {
+        self.params
+            .check_same_layout(&params)
+            .map_err(Error::Config)?;
+        if let Some(i) = params.tensors().iter().position(|p| !all_finite(p)) {
+            return Err(Error::Config(format!(
+                "parameter {} holds a value that is not finite",
+                params.names()[i]
+            )));
+        }
         self.params = params;
         Ok(())
     }
@@ -386,27 +493,98 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// the meta-gradient of the mean query loss (second order unless configured
     /// otherwise), fold in batch-norm statistics in task order, and apply `opt`.
     ///
+    /// The step is all or nothing. It is refused before anything runs when it cannot make
+    /// sense, and it is not applied when any task's loss or gradient, the update, the new
+    /// parameters, the optimiser's state or the running statistics would not be finite:
+    /// the parameters, running statistics, step counter and `opt` then stay bitwise as
+    /// they were. What happens instead is [`MetaConfig::on_non_finite`]'s choice: an error
+    /// (the default) or a skipped step, counted in [`MetaLearner::skipped_steps`] and
+    /// flagged in [`StepStats::skipped`].
+    ///
     /// # Errors
-    /// [`Error::Task`](crate::Error::Task) if a task panics (e.g. a shape mismatch in
-    /// its data); nothing is updated then.
+    /// - [`Error::Config`](crate::Error::Config) for an empty meta-batch, a task with an
+    ///   empty support or query set, tasks of different shapes, a learning rate that is
+    ///   not finite (see [`Task::validate_batch`], [`MetaConfig::validate`],
+    ///   [`Optimizer::validate`]);
+    /// - [`Error::NonFinite`](crate::Error::NonFinite) naming the meta-step, the tasks
+    ///   and the first parameter affected (under [`NonFinite::Error`]);
+    /// - [`Error::Task`](crate::Error::Task) if a task panics (e.g. a label out of range).
     pub fn meta_step(&mut self, tasks: &[Task<F>], opt: &mut Optimizer<F>) -> Result<StepStats> {
-        let (grads, stats, observed) = self.meta_gradient(tasks)?;
-        self.norm.update(&observed);
-        opt.step(self.params.tensors_mut(), &grads);
-        self.step += 1;
-        Ok(stats)
+        self.check_request(tasks, opt)?;
+        let batch = self.meta_batch(tasks)?;
+        self.commit("meta_step", batch, opt)
     }
 
     /// The meta-gradient of the mean query loss over `tasks` (no update), with the step's
-    /// statistics and the batch-norm statistics observed, in task order.
+    /// statistics and the batch-norm statistics observed, in task order. The values are
+    /// returned as computed, finite or not ([`MetaLearner::meta_step`] checks them).
     ///
     /// # Errors
-    /// [`Error::Task`](crate::Error::Task) if a task panics.
+    /// [`Error::Config`](crate::Error::Config) for a batch that cannot make sense (as
+    /// [`MetaLearner::meta_step`]); [`Error::Task`](crate::Error::Task) if a task panics.
     #[allow(clippy::type_complexity)]
     pub fn meta_gradient(
         &self,
         tasks: &[Task<F>],
     ) -> Result<(Vec<ArrayD<F>>, StepStats, Vec<Observed<F>>)> {
+        Task::validate_batch(tasks)?;
+        self.config.validate()?;
+        let b = self.meta_batch(tasks)?;
+        Ok((b.update, b.stats, b.observed))
+    }
+
+    /// Refuses a request that cannot produce a meaningful step, before any state changes.
+    fn check_request(&self, tasks: &[Task<F>], opt: &Optimizer<F>) -> Result<()> {
+        Task::validate_batch(tasks)?;
+        self.config.validate()?;
+        opt.validate()
+    }
+
+    /// Runs one group of tasks on one tape (a single task, or a chunk of regression
+    /// tasks batched as one computation): the gradient of the sum of their meta-losses,
+    /// that sum, the accuracy (single tasks), and the statistics observed.
+    fn run_group(&self, group: &[Task<F>], second_order: bool) -> GroupResult<F> {
+        let mut t = Tape::new();
+        let theta = self.params.place(&mut t);
+        let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
+        let (loss, acc) = if group.len() == 1 {
+            let (loss, out) = self.task_loss(&mut t, &theta, &group[0], second_order, &mut ctx);
+            (loss, group[0].query_y.accuracy(t.value(out)))
+        } else {
+            // A chunk of tasks as one batched computation: each meta-parameter is
+            // broadcast to a stack of per-task copies, and the loss is the sum of the
+            // tasks' losses, so the inner gradient of each copy is its task's own.
+            let c = group.len();
+            let stacked: Vec<Var> = theta[..self.net_len]
+                .iter()
+                .map(|&p| {
+                    let shape = t.shape(p).to_vec();
+                    let mut one = vec![1];
+                    one.extend(&shape);
+                    let p1 = t.reshape(p, &one);
+                    one[0] = c;
+                    t.broadcast_to(p1, &one)
+                })
+                .chain(theta[self.net_len..].iter().copied())
+                .collect();
+            let batch = Task::stack(group);
+            let (loss, _) = self.task_loss(&mut t, &stacked, &batch, second_order, &mut ctx);
+            (loss, None)
+        };
+        let value = t.item(loss);
+        let grads = t.grad(loss, &theta, false);
+        let grads: Vec<ArrayD<F>> = grads.into_iter().map(|g| t.take(g)).collect();
+        GroupResult {
+            finite: value.is_finite() && grads.iter().all(all_finite),
+            result: grads,
+            loss: value,
+            accuracy: acc,
+            observed: ctx.observed,
+        }
+    }
+
+    /// The meta-gradient over a (validated) meta-batch, and which tasks were not finite.
+    fn meta_batch(&self, tasks: &[Task<F>]) -> Result<BatchResult<F>> {
         let second_order = self.config.order.second_order_at(self.step);
         let chunk = if self.model.batches_tasks() && tasks.iter().all(Task::is_regression) {
             match self.config.task_chunk {
@@ -417,80 +595,155 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             1
         };
         let groups: Vec<&[Task<F>]> = tasks.chunks(chunk).collect();
-        let per_task = map_tasks(groups.len(), self.config.parallel_iterations, |i| {
-            let group = groups[i];
-            let mut t = Tape::new();
-            let theta = self.params.place(&mut t);
-            let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
-            let (loss, acc) = if group.len() == 1 {
-                let (loss, out) = self.task_loss(&mut t, &theta, &group[0], second_order, &mut ctx);
-                (loss, group[0].query_y.accuracy(t.value(out)))
-            } else {
-                // A chunk of tasks as one batched computation: each meta-parameter is
-                // broadcast to a stack of per-task copies, and the loss is the sum of the
-                // tasks' losses, so the inner gradient of each copy is its task's own.
-                let c = group.len();
-                let stacked: Vec<Var> = theta[..self.net_len]
-                    .iter()
-                    .map(|&p| {
-                        let shape = t.shape(p).to_vec();
-                        let mut one = vec![1];
-                        one.extend(&shape);
-                        let p1 = t.reshape(p, &one);
-                        one[0] = c;
-                        t.broadcast_to(p1, &one)
-                    })
-                    .chain(theta[self.net_len..].iter().copied())
-                    .collect();
-                let batch = Task::stack(group);
-                let (loss, _) = self.task_loss(&mut t, &stacked, &batch, second_order, &mut ctx);
-                (loss, None)
-            };
-            let value = t.item(loss);
-            let grads = t.grad(loss, &theta, false);
-            let grads: Vec<ArrayD<F>> = grads.into_iter().map(|g| t.take(g)).collect();
-            (grads, value, acc, ctx.observed)
+        let per_group = map_tasks(groups.len(), self.config.parallel_iterations, |i| {
+            self.run_group(groups[i], second_order)
         })?;
-        let n = tasks.len().max(1) as f64;
-        let mut grads: Vec<ArrayD<F>> = self
+        // A chunk that is not finite is rerun task by task to name the culprits (only on
+        // this failure path).
+        let mut bad = Vec::new();
+        for (i, r) in per_group.iter().enumerate() {
+            if r.finite {
+                continue;
+            }
+            if chunk == 1 {
+                bad.push(i);
+                continue;
+            }
+            for k in i * chunk..(i * chunk + groups[i].len()) {
+                let one = std::slice::from_ref(&tasks[k]);
+                let r = map_tasks(1, 1, |_| self.run_group(one, second_order))
+                    .map_err(|e| reindex(e, k))?;
+                if !r[0].finite {
+                    bad.push(k);
+                }
+            }
+        }
+        let n = tasks.len();
+        let zeros = self
             .params
             .tensors()
             .iter()
-            .map(|p| ArrayD::zeros(p.raw_dim()))
-            .collect();
-        let mut loss = 0.0;
-        let mut acc_sum = 0.0;
-        let mut has_acc = false;
-        // Each entry's loss is the sum over its tasks (one task, or a chunk).
+            .map(|p| ArrayD::zeros(p.raw_dim()));
+        let b = Self::reduce(zeros.collect(), per_group, n, |g, r| *g += r);
+        let inv = F::c(1.0 / n as f64);
+        let mut update = b.sums;
+        update.iter_mut().for_each(|g| g.mapv_inplace(|v| v * inv));
+        Ok(BatchResult {
+            update,
+            stats: StepStats {
+                second_order,
+                ..b.stats
+            },
+            observed: b.observed,
+            bad_tasks: bad,
+        })
+    }
+
+    /// Folds per-group results in task order into `sums`: `fold(sum, result)` for each
+    /// tensor, the losses and accuracies summed and averaged over `n` tasks, the
+    /// statistics appended.
+    fn reduce(
+        mut sums: Vec<ArrayD<F>>,
+        per_group: Vec<GroupResult<F>>,
+        n: usize,
+        fold: impl Fn(&mut ArrayD<F>, &ArrayD<F>),
+    ) -> Reduced<F> {
+        let (mut loss, mut acc, mut has_acc) = (0.0, 0.0, false);
         let mut observed = Vec::new();
-        for (g, l, a, obs) in per_task {
-            for (acc, gi) in grads.iter_mut().zip(&g) {
-                *acc += gi;
+        // Each entry's loss is the sum over its tasks (one task, or a chunk).
+        for r in per_group {
+            for (s, x) in sums.iter_mut().zip(&r.result) {
+                fold(s, x);
             }
-            loss += l;
-            if let Some(a) = a {
-                acc_sum += a;
+            loss += r.loss;
+            if let Some(a) = r.accuracy {
+                acc += a;
                 has_acc = true;
             }
-            observed.extend(obs);
+            observed.extend(r.observed);
         }
-        let inv = F::c(1.0 / n);
-        grads.iter_mut().for_each(|g| g.mapv_inplace(|v| v * inv));
-        let stats = StepStats {
-            loss: loss / n,
-            accuracy: has_acc.then_some(acc_sum / n),
-            second_order,
-        };
-        Ok((grads, stats, observed))
+        let n = n.max(1) as f64;
+        Reduced {
+            sums,
+            stats: StepStats {
+                loss: loss / n,
+                accuracy: has_acc.then_some(acc / n),
+                second_order: false,
+                skipped: false,
+            },
+            observed,
+        }
+    }
+
+    /// Applies a meta-batch's update with `opt` if everything it touches stays finite;
+    /// otherwise changes nothing and follows [`MetaConfig::on_non_finite`].
+    fn commit(
+        &mut self,
+        during: &'static str,
+        batch: BatchResult<F>,
+        opt: &mut Optimizer<F>,
+    ) -> Result<StepStats> {
+        let names = self.params.names();
+        let mut param = batch
+            .update
+            .iter()
+            .position(|g| !all_finite(g))
+            .map(|i| names[i].clone());
+        if batch.bad_tasks.is_empty() && param.is_none() && batch.stats.loss.is_finite() {
+            // Tried on copies, so that a non-finite result changes nothing.
+            let (mut params, mut next_opt, mut norm) =
+                (self.params.clone(), opt.clone(), self.norm.clone());
+            next_opt.step(params.tensors_mut(), &batch.update);
+            norm.update(&batch.observed);
+            param = params
+                .tensors()
+                .iter()
+                .position(|p| !all_finite(p))
+                .or_else(|| next_opt.first_non_finite_state())
+                .map(|i| names[i].clone())
+                .or_else(|| first_non_finite_stats(&norm));
+            if param.is_none() {
+                self.params = params;
+                self.norm = norm;
+                *opt = next_opt;
+                self.step += 1;
+                return Ok(batch.stats);
+            }
+        }
+        match self.config.on_non_finite {
+            NonFinite::Error => Err(Error::NonFinite {
+                during,
+                step: self.step,
+                tasks: batch.bad_tasks,
+                param,
+            }),
+            NonFinite::Skip => {
+                self.skipped_steps += 1;
+                Ok(StepStats {
+                    skipped: true,
+                    ..batch.stats
+                })
+            }
+        }
     }
 
     /// One Reptile step (Nichol et al., 2018): adapt on each support set with `steps`
     /// plain SGD steps (first order), then move the initialisation towards the mean
-    /// adapted parameters by giving `opt` the direction `θ − mean(φ)`.
+    /// adapted parameters by giving `opt` the direction `θ − mean(φ)`. All or nothing,
+    /// as [`MetaLearner::meta_step`].
     ///
     /// # Errors
-    /// [`Error::Task`](crate::Error::Task) if a task panics.
+    /// As [`MetaLearner::meta_step`], and [`Error::Config`](crate::Error::Config) for
+    /// zero inner steps (the direction would be zero, and Adam's momentum alone would
+    /// move the parameters).
     pub fn reptile_step(&mut self, tasks: &[Task<F>], opt: &mut Optimizer<F>) -> Result<StepStats> {
+        self.check_request(tasks, opt)?;
+        if self.config.inner_steps == 0 {
+            return Err(Error::Config(
+                "a Reptile step needs at least one inner step (MetaConfig::inner_steps is 0)"
+                    .into(),
+            ));
+        }
         let steps = self.config.inner_steps;
         let per_task = map_tasks(tasks.len(), self.config.parallel_iterations, |i| {
             let task = &tasks[i];
@@ -517,38 +770,77 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             let out = predict(&mut t, &self.model, last, xq, xs, steps, &mut ctx);
             let l = task.query_y.loss(&mut t, out);
             let acc = task.query_y.accuracy(t.value(out));
-            let phi: Vec<ArrayD<F>> = last.iter().map(|v| t.value(*v).clone()).collect();
-            (phi, t.item(l), acc, ctx.observed)
-        })?;
-        let n = tasks.len().max(1) as f64;
-        let inv = F::c(1.0 / n);
-        let mut dirs: Vec<ArrayD<F>> = self.params.tensors().to_vec();
-        let mut loss = 0.0;
-        let mut accs = Vec::new();
-        let mut observed = Vec::new();
-        for (phi, l, a, obs) in per_task {
-            for (d, p) in dirs.iter_mut().zip(&phi) {
-                d.zip_mut_with(p, |d, &p| *d -= p * inv);
+            // φ for the network; the learned rates (if any) do not move.
+            let phi: Vec<ArrayD<F>> = last
+                .iter()
+                .map(|v| t.value(*v).clone())
+                .chain(self.params.tensors()[self.net_len..].iter().cloned())
+                .collect();
+            let loss = t.item(l);
+            GroupResult {
+                finite: loss.is_finite() && phi.iter().all(all_finite),
+                result: phi,
+                loss,
+                accuracy: acc,
+                observed: ctx.observed,
             }
-            loss += l;
-            accs.extend(a);
-            observed.extend(obs);
-        }
-        self.norm.update(&observed);
-        opt.step(self.params.tensors_mut(), &dirs);
-        self.step += 1;
-        Ok(StepStats {
-            loss: loss / n,
-            accuracy: (!accs.is_empty()).then(|| accs.iter().sum::<f64>() / accs.len() as f64),
-            second_order: false,
-        })
+        })?;
+        let bad = (0..tasks.len()).filter(|&i| !per_task[i].finite).collect();
+        let n = tasks.len();
+        let inv = F::c(1.0 / n as f64);
+        // θ − mean(φ), accumulated as θ − Σ φ/n in task order.
+        let theta = self.params.tensors().to_vec();
+        let b = Self::reduce(theta, per_task, n, |d, phi| {
+            d.zip_mut_with(phi, |d, &p| *d -= p * inv)
+        });
+        let batch = BatchResult {
+            update: b.sums,
+            stats: b.stats,
+            observed: b.observed,
+            bad_tasks: bad,
+        };
+        self.commit("reptile_step", batch, opt)
     }
 
     /// Adapts to one task's support set with `steps` inner steps (which may differ from
     /// training) and returns the query loss and accuracy (`None` for regression). `mode`
     /// is how batch norms normalise; it is required because it changes what is measured
     /// (see [`NormMode`]). Nothing is updated.
-    pub fn evaluate(&self, task: &Task<F>, steps: usize, mode: NormMode) -> (f64, Option<f64>) {
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) for a task with an empty support or query
+    /// set ([`Task::validate`]) or an inner rate that is not finite;
+    /// [`Error::Task`](crate::Error::Task) (index 0) if the task does not fit the model
+    /// (a label out of range, inputs of the wrong shape);
+    /// [`Error::NonFinite`](crate::Error::NonFinite) if the loss is not finite.
+    pub fn evaluate(
+        &self,
+        task: &Task<F>,
+        steps: usize,
+        mode: NormMode,
+    ) -> Result<(f64, Option<f64>)> {
+        task.validate()?;
+        self.config.validate()?;
+        let (loss, acc) = map_tasks(1, 1, |_| self.evaluate_unchecked(task, steps, mode))?
+            .pop()
+            .expect("one task");
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                during: "evaluate",
+                step: self.step,
+                tasks: vec![0],
+                param: None,
+            });
+        }
+        Ok((loss, acc))
+    }
+
+    fn evaluate_unchecked(
+        &self,
+        task: &Task<F>,
+        steps: usize,
+        mode: NormMode,
+    ) -> (f64, Option<f64>) {
         let mut t = Tape::new();
         let theta = self.params.place(&mut t);
         let (net, rates) = theta.split_at(self.net_len);

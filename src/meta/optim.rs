@@ -1,6 +1,6 @@
 //! Outer-loop optimisers: Adam and SGD, with optional gradient-norm clipping.
 
-use crate::Float;
+use crate::{Error, Float, Result};
 use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,63 @@ impl<F: Float> Optimizer<F> {
     pub fn with_clip_norm(mut self, max_norm: f64) -> Self {
         self.clip_norm = Some(max_norm);
         self
+    }
+
+    /// Checks that the optimiser can take meaningful steps.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a learning rate or an Adam constant that is not finite (or
+    /// betas outside `[0, 1)`, or a negative ε), or a clipping norm that is not a finite
+    /// positive number.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f64| {
+            Err(Error::Config(format!(
+                "the optimiser's {what} is {v}; it must be a finite number{}",
+                if what.starts_with("beta") {
+                    " in [0, 1)"
+                } else if what == "clipping norm" {
+                    " above 0"
+                } else if what == "epsilon" {
+                    " of at least 0"
+                } else {
+                    ""
+                }
+            )))
+        };
+        if !self.lr.is_finite() {
+            return bad("learning rate", self.lr);
+        }
+        if let Some(c) = self.clip_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return bad("clipping norm", c);
+            }
+        }
+        if let Rule::Adam {
+            beta1, beta2, eps, ..
+        } = &self.rule
+        {
+            for (what, b) in [("beta1", *beta1), ("beta2", *beta2)] {
+                if !(0.0..1.0).contains(&b) {
+                    return bad(what, b);
+                }
+            }
+            if !(eps.is_finite() && *eps >= 0.0) {
+                return bad("epsilon", *eps);
+            }
+        }
+        Ok(())
+    }
+
+    /// The index of the first parameter tensor whose optimiser state (Adam's moments) is
+    /// not finite, if any.
+    pub fn first_non_finite_state(&self) -> Option<usize> {
+        match &self.rule {
+            Rule::Sgd => None,
+            Rule::Adam { m, v, .. } => m
+                .iter()
+                .zip(v)
+                .position(|(m, v)| m.iter().chain(v.iter()).any(|x| !x.is_finite())),
+        }
     }
 
     /// Applies one update to `params` with `grads` (same order and shapes).

@@ -2,7 +2,7 @@
 
 use crate::data::{cast, Episode, EpisodeBatch, SinusoidBatch};
 use crate::nn::Targets;
-use crate::Float;
+use crate::{Error, Float, Result};
 use ndarray::{ArrayD, Axis};
 
 /// A task: a support set to adapt on and a query set to evaluate on.
@@ -22,6 +22,98 @@ impl<F: Float> Task<F> {
     /// Whether the targets are regression values.
     pub fn is_regression(&self) -> bool {
         matches!(self.support_y, Targets::Values(_)) && matches!(self.query_y, Targets::Values(_))
+    }
+
+    /// Checks that the task can produce a meaningful loss: non-empty support and query
+    /// sets, as many targets as inputs in each, and dense labels shaped `[N, K]`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] saying what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        for (set, x, y) in [
+            ("support", &self.support_x, &self.support_y),
+            ("query", &self.query_x, &self.query_y),
+        ] {
+            let n = x.shape().first().copied().unwrap_or(0);
+            if n == 0 {
+                return Err(Error::Config(format!(
+                    "the {set} set is empty (inputs of shape {:?}); every task needs at least \
+                     one {set} example",
+                    x.shape()
+                )));
+            }
+            if y.len() != n {
+                return Err(Error::Config(format!(
+                    "the {set} set has {n} inputs (shape {:?}) but {} targets",
+                    x.shape(),
+                    y.len()
+                )));
+            }
+            if let Targets::Probabilities(p) = y {
+                if p.ndim() != 2 || p.shape()[1] == 0 {
+                    return Err(Error::Config(format!(
+                        "the {set} set's class probabilities must be [N, K] with K > 0, \
+                         got {:?}",
+                        p.shape()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The shapes of the task's inputs and targets (for comparing tasks of a batch).
+    fn layout(&self) -> [Vec<usize>; 4] {
+        let targets = |y: &Targets<F>| match y {
+            Targets::Classes(c) => vec![c.len()],
+            Targets::Probabilities(v) | Targets::Values(v) | Targets::StackedValues(v) => {
+                v.shape().to_vec()
+            }
+        };
+        [
+            self.support_x.shape().to_vec(),
+            targets(&self.support_y),
+            self.query_x.shape().to_vec(),
+            targets(&self.query_y),
+        ]
+    }
+
+    /// Checks a meta-batch before it changes anything: at least one task, every task
+    /// [valid](Task::validate), and all tasks of the first one's shapes and kind of
+    /// target.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first task that is wrong and how.
+    pub fn validate_batch(tasks: &[Task<F>]) -> Result<()> {
+        let Some(first) = tasks.first() else {
+            return Err(Error::Config(
+                "an empty meta-batch: a meta-step needs at least one task".into(),
+            ));
+        };
+        let kind = |t: &Task<F>| [&t.support_y, &t.query_y].map(|y| std::mem::discriminant(y));
+        let (layout, k0) = (first.layout(), kind(first));
+        for (i, task) in tasks.iter().enumerate() {
+            task.validate().map_err(|e| match e {
+                Error::Config(m) => Error::Config(format!("task {i} of the meta-batch: {m}")),
+                e => e,
+            })?;
+            if kind(task) != k0 {
+                return Err(Error::Config(format!(
+                    "task {i} of the meta-batch has another kind of targets than task 0 \
+                     ({:?} vs {:?})",
+                    [&task.support_y, &task.query_y].map(kind_name),
+                    [&first.support_y, &first.query_y].map(kind_name)
+                )));
+            }
+            let l = task.layout();
+            if l != layout {
+                return Err(Error::Config(format!(
+                    "task {i} of the meta-batch has shapes {l:?} (support inputs, support \
+                     targets, query inputs, query targets), but task 0 has {layout:?}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Regression tasks of equal shapes stacked along a new dimension 0, as one task
@@ -60,7 +152,7 @@ impl<F: Float> Task<F> {
             .collect()
     }
 
-    /// A classification task from one episode.
+    /// A classification task from one episode (sparse labels).
     pub fn from_episode(e: &Episode) -> Task<F> {
         Task {
             support_x: cast(&e.xs).into_dyn(),
@@ -80,5 +172,14 @@ impl<F: Float> Task<F> {
                 query_y: Targets::Classes(batch.yq.index_axis(Axis(0), i).to_vec()),
             })
             .collect()
+    }
+}
+
+fn kind_name<F>(y: &Targets<F>) -> &'static str {
+    match y {
+        Targets::Classes(_) => "classes",
+        Targets::Probabilities(_) => "probabilities",
+        Targets::Values(_) => "values",
+        Targets::StackedValues(_) => "stacked values",
     }
 }

@@ -46,11 +46,16 @@ pub trait Model<F: Float>: Send + Sync {
     }
 }
 
-/// Task targets: class indices (softmax cross-entropy) or values (mean-squared error).
+/// Task targets: class indices or class-probability rows (softmax cross-entropy), or
+/// values (mean-squared error).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Targets<F> {
-    /// Class indices, one per example.
+    /// Class indices, one per example (sparse labels).
     Classes(Vec<usize>),
+    /// One row of class probabilities per example, `[N, K]`: one-hot or soft labels
+    /// (dense labels). One-hot rows give the same loss, gradients and meta-gradients as
+    /// [`Targets::Classes`].
+    Probabilities(ArrayD<F>),
     /// Regression targets, shaped like the network's output.
     Values(ArrayD<F>),
     /// Regression targets of several tasks stacked along dimension 0 (a task batch):
@@ -60,11 +65,19 @@ pub enum Targets<F> {
 }
 
 impl<F: Float> Targets<F> {
-    /// The task loss: sparse softmax cross-entropy for classes, MSE for values.
+    /// The task loss: softmax cross-entropy for classes (sparse) and probabilities
+    /// (dense), mean-squared error for values.
+    ///
+    /// # Panics
+    /// If the output does not fit the targets (the tape op's shape panic).
     #[track_caller]
     pub fn loss(&self, t: &mut Tape<F>, output: Var) -> Var {
         match self {
             Targets::Classes(c) => t.sparse_cross_entropy(output, c),
+            Targets::Probabilities(p) => {
+                let y = t.constant(p.clone());
+                t.cross_entropy(output, y)
+            }
             Targets::Values(v) => {
                 let y = t.constant(v.clone());
                 t.mse(output, y)
@@ -80,22 +93,45 @@ impl<F: Float> Targets<F> {
         }
     }
 
-    /// Fraction of rows whose arg-max equals the class (`None` for regression).
+    /// Number of examples (rows) the targets cover.
+    pub fn len(&self) -> usize {
+        match self {
+            Targets::Classes(c) => c.len(),
+            Targets::Probabilities(v) | Targets::Values(v) => {
+                v.shape().first().copied().unwrap_or(1)
+            }
+            Targets::StackedValues(v) => v.shape().get(1).copied().unwrap_or(1),
+        }
+    }
+
+    /// Whether the targets cover no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fraction of rows whose arg-max is the class (for [`Targets::Probabilities`], the
+    /// row's most probable class); `None` for regression. A row with a NaN output counts
+    /// as a miss.
     pub fn accuracy(&self, output: &ArrayD<F>) -> Option<f64> {
-        let Targets::Classes(c) = self else {
-            return None;
+        let argmax = |row: &[F]| (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        // The predicted class of an output row; none where the row holds a NaN.
+        let predicted = |row: &[F]| (!row.iter().any(|v| v.is_nan())).then(|| argmax(row));
+        let k = output.shape()[1].max(1);
+        let rows = output.as_slice()?.chunks_exact(k);
+        let hits = match self {
+            Targets::Classes(c) => rows
+                .zip(c)
+                .filter(|(row, &y)| predicted(row) == Some(y))
+                .count(),
+            Targets::Probabilities(p) => {
+                let labels = p.as_slice()?.chunks_exact(p.shape()[1].max(1));
+                rows.zip(labels)
+                    .filter(|(row, y)| predicted(row) == Some(argmax(y)))
+                    .count()
+            }
+            Targets::Values(_) | Targets::StackedValues(_) => return None,
         };
-        let k = output.shape()[1];
-        let flat = output.as_slice()?;
-        let hits = flat
-            .chunks_exact(k)
-            .zip(c)
-            .filter(|(row, &y)| {
-                let arg = (0..k).fold(0, |b, j| if row[j] > row[b] { j } else { b });
-                arg == y
-            })
-            .count();
-        Some(hits as f64 / c.len().max(1) as f64)
+        Some(hits as f64 / self.len().max(1) as f64)
     }
 }
 

@@ -198,8 +198,8 @@ pub(crate) fn check_pool(name: &str, s: &[usize], k: usize, stride: usize) {
 
 /// Max-pooling of `a·x + b` (`(a, b) = affine(channel)`) over `x` of shape `s`
 /// (`[N, C, H, W]`): the pooled values and the [`Gather`] of each window's first maximal
-/// element. With `relu`, a window whose maximum is not positive reads nothing (zero): the
-/// pooled ReLU.
+/// element (a NaN in a window wins, so it is never hidden). With `relu`, a window whose
+/// maximum is not positive reads nothing (zero): the pooled ReLU; a NaN maximum is kept.
 pub(crate) fn max_pool<F: Float>(
     xs: &[F],
     s: &[usize],
@@ -222,10 +222,10 @@ pub(crate) fn max_pool<F: Float>(
         let rows = src.chunks_exact_mut(wo).zip(out.chunks_exact_mut(wo));
         for (oh, (src, out)) in rows.enumerate() {
             let row0 = base + oh * stride * w;
-            // Branch-free arg-max (the comparisons are unpredictable); with the ReLU, a
-            // maximum that is not positive reads nothing.
+            // Branch-free arg-max (the comparisons are unpredictable) in which NaN wins;
+            // with the ReLU, a maximum that is not positive reads nothing.
             let put = |best: usize, v: F, sd: &mut usize, od: &mut F| {
-                let keep = !relu || v > F::zero();
+                let keep = !relu || !(v <= F::zero());
                 *sd = if keep { best } else { NONE };
                 *od = if keep { v } else { F::zero() };
             };
@@ -238,7 +238,7 @@ pub(crate) fn max_pool<F: Float>(
                     let (mut best, mut v) = (j, p[0] * a + b);
                     for (idx, x) in [(j + 1, p[1]), (j + w, q[0]), (j + w + 1, q[1])] {
                         let y = x * a + b;
-                        let gt = y > v;
+                        let gt = F::beats(y, v);
                         best = if gt { idx } else { best };
                         v = if gt { y } else { v };
                     }
@@ -253,7 +253,7 @@ pub(crate) fn max_pool<F: Float>(
                     let row = first + i * w;
                     for (j, &x) in xs[row..row + k].iter().enumerate() {
                         let y = x * a + b;
-                        let gt = y > v;
+                        let gt = F::beats(y, v);
                         best = if gt { row + j } else { best };
                         v = if gt { y } else { v };
                     }

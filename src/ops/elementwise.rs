@@ -173,11 +173,15 @@ impl<F: Float> Tape<F> {
         self.push(value, Op::Mask(a, mask), &[a])
     }
 
-    /// `max(a, 0)`. Its derivative is the step function (taken as 0 at 0) and its second
-    /// derivative is zero wherever it exists: a ReLU network's Hessian comes only from the
-    /// other ops (losses, products).
+    /// `max(a, 0)`, with NaN kept as NaN (IEEE 754-2019 `maximum`, as PyTorch does; Rust's
+    /// `f32::max` would turn it into 0 and hide it). Its derivative is the step function
+    /// (taken as 0 at 0) and its second derivative is zero wherever it exists: a ReLU
+    /// network's Hessian comes only from the other ops (losses, products).
     pub fn relu(&mut self, a: Var) -> Var {
-        let m: Vec<bool> = flat(self.value(a)).iter().map(|&p| p > F::zero()).collect();
+        let m: Vec<bool> = flat(self.value(a))
+            .iter()
+            .map(|&p| !(p <= F::zero()))
+            .collect();
         self.mask(a, m)
     }
 
@@ -199,8 +203,8 @@ impl<F: Float> Tape<F> {
         self.add(ma, mb)
     }
 
-    /// Elementwise maximum of two tensors of the same shape (ties take `a`). The gradient
-    /// goes to the larger element.
+    /// Elementwise maximum of two tensors of the same shape (ties take `a`; NaN in either
+    /// gives NaN, as IEEE 754-2019 `maximum`). The gradient goes to the selected element.
     #[track_caller]
     pub fn maximum(&mut self, a: Var, b: Var) -> Var {
         assert!(
@@ -212,7 +216,7 @@ impl<F: Float> Tape<F> {
         let cond: Vec<bool> = flat(self.value(a))
             .iter()
             .zip(flat(self.value(b)))
-            .map(|(p, q)| p >= q)
+            .map(|(&p, &q)| !F::beats(q, p))
             .collect();
         self.where_(&cond, a, b)
     }

@@ -2,7 +2,8 @@
 //! cross-entropy with dense labels and with sparse integer labels.
 //!
 //! Both cross-entropies are built from [`Tape::log_softmax`], whose backward rule is
-//! written in tape ops, and a linear read-out (a product with the labels, or a gather at
+//! written in tape ops (with [`Tape::softmax`] and [`Tape::sum_others`], so that it stays
+//! accurate where one class dominates), and a linear read-out (a product with the labels, or a gather at
 //! the label indices, whose adjoint is a scatter-add). So both have true second
 //! derivatives: the Hessian of either with respect to the logits is `diag(p) − p pᵀ` per
 //! row (over the batch size), never a silent zero.
@@ -14,35 +15,84 @@ use crate::Float;
 use std::sync::Arc;
 
 impl<F: Float> Tape<F> {
-    /// `log(softmax(a))` along the last axis, computed as `a − max − ln Σ exp(a − max)`:
-    /// finite for logits of any size.
+    /// `log(softmax(a))` along the last axis, accurate to a few ulps for logits of any
+    /// finite size.
+    ///
+    /// Each row is computed as `(a − m) − ln(1 + s)` with `m` the row's maximum (at its
+    /// first position `j`) and `s = Σ_{k≠j} exp(a_k − m)` summed without the `1` of the
+    /// maximum itself, so neither a large `m` (`[1e30, 1e30, −1e30]` gives
+    /// `[−ln 2, −ln 2, −2e30]`) nor a dominant logit (`[100, 0]` gives `−3.7e−44` first,
+    /// not 0) loses the small terms. Where `a_k − m` overflows (logits of both signs near
+    /// the type's limit), it saturates at `−F::MAX`: the true value lies beyond it, its
+    /// softmax is exactly 0, and a zero label times it stays 0 rather than `0 · −∞ = NaN`.
+    /// A NaN anywhere in a row makes the whole row NaN; `+∞` gives NaN as well (∞ − ∞).
     ///
     /// # Panics
     /// If `a` is 0-dimensional or its last axis is empty.
     #[track_caller]
     pub fn log_softmax(&mut self, a: Var) -> Var {
+        let value = self.softmax_rows("log_softmax", a, |row, s| {
+            // `ln(1 + s) ≤ ln k` is far below half an ulp of `F::MAX`: saturated entries
+            // stay put.
+            let lse = s.ln_1p();
+            row.iter_mut().for_each(|v| *v -= lse);
+        });
+        self.push(value, Op::LogSoftmax(a), &[a])
+    }
+
+    /// `softmax(a)` along the last axis, computed as `exp(a − m) / (1 + s)` with the
+    /// terms of [`Tape::log_softmax`]: rows sum to 1 within rounding and tiny
+    /// probabilities keep their full precision, for logits of any finite size.
+    ///
+    /// # Panics
+    /// As [`Tape::log_softmax`].
+    #[track_caller]
+    pub fn softmax(&mut self, a: Var) -> Var {
+        let value = self.softmax_rows("softmax", a, |row, s| {
+            let z = F::one() + s;
+            row.iter_mut().for_each(|v| *v = v.exp() / z);
+        });
+        self.push(value, Op::Softmax(a), &[a])
+    }
+
+    /// The rows of `a` (along the last axis) shifted by their maximum `m` (saturating at
+    /// `−F::MAX`), each passed to `finish` with `s = Σ_{k≠j} exp(a_k − m)` for the first
+    /// maximal position `j`.
+    #[track_caller]
+    fn softmax_rows(&self, name: &str, a: Var, finish: impl Fn(&mut [F], F)) -> ndarray::ArrayD<F> {
         let x = self.value(a);
         let k = *x.shape().last().unwrap_or(&0);
         assert!(
             k > 0,
-            "metagrad::log_softmax: needs a non-empty last axis, got shape {:?}",
+            "metagrad::{name}: needs a non-empty last axis, got shape {:?}",
             x.shape()
         );
+        let lowest = -F::max_value();
         let mut out = flat(x).to_vec();
         for row in out.chunks_exact_mut(k) {
-            let m = row.iter().copied().fold(F::neg_infinity(), F::max);
-            let lse = row.iter().map(|&v| (v - m).exp()).sum::<F>().ln() + m;
-            row.iter_mut().for_each(|v| *v -= lse);
+            let mut j = 0;
+            for (i, &v) in row.iter().enumerate() {
+                if F::beats(v, row[j]) {
+                    j = i;
+                }
+            }
+            let m = row[j];
+            let mut s = F::zero();
+            for (i, v) in row.iter_mut().enumerate() {
+                let d = *v - m;
+                // A finite logit whose distance to the maximum overflows saturates.
+                *v = if d == F::neg_infinity() && v.is_finite() && m.is_finite() {
+                    lowest
+                } else {
+                    d
+                };
+                if i != j {
+                    s += v.exp();
+                }
+            }
+            finish(row, s);
         }
-        let value = from_vec(x.shape(), out);
-        self.push(value, Op::LogSoftmax(a), &[a])
-    }
-
-    /// `softmax(a)` along the last axis (`exp` of [`Tape::log_softmax`]).
-    #[track_caller]
-    pub fn softmax(&mut self, a: Var) -> Var {
-        let l = self.log_softmax(a);
-        self.exp(l)
+        from_vec(x.shape(), out)
     }
 
     /// Mean-squared error `mean((pred − target)²)`.

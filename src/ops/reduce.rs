@@ -1,5 +1,6 @@
 //! Reductions: sums and means over all elements or over axes, the broadcast pair
-//! `sum_to` / `broadcast_to`, and max over an axis.
+//! `sum_to` / `broadcast_to`, the sum of the others along the last axis, and max over an
+//! axis.
 
 use super::{flat, from_vec};
 use crate::tape::op::Gather;
@@ -115,13 +116,34 @@ impl<F: Float> Tape<F> {
         self.mul_scalar(s, 1.0 / n as f64)
     }
 
-    /// Sum over the last axis, kept as a size-1 axis.
-    pub(crate) fn sum_last_keepdim(&mut self, a: Var) -> Var {
-        let r = self.shape(a).len();
-        self.sum_axes(a, &[r - 1], true)
+    /// For each element, the sum of the other elements along the last axis:
+    /// `out[.., i] = Σ_{k≠i} a[.., k]`, summed directly (prefix plus suffix sums), so it
+    /// is accurate where `Σₖ a[.., k] − a[.., i]` would cancel. Linear and self-adjoint.
+    /// (Log-softmax's backward rule uses it; a 0-dimensional `a` is one row of one.)
+    pub fn sum_others(&mut self, a: Var) -> Var {
+        let x = self.value(a);
+        let k = x.shape().last().copied().unwrap_or(1);
+        let mut out = vec![F::zero(); x.len()];
+        if k > 0 {
+            for (row, o) in flat(x).chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+                let mut acc = F::zero();
+                for (v, o) in row.iter().zip(o.iter_mut()) {
+                    *o = acc;
+                    acc += *v;
+                }
+                let mut acc = F::zero();
+                for (v, o) in row.iter().zip(o.iter_mut()).rev() {
+                    *o += acc;
+                    acc += *v;
+                }
+            }
+        }
+        let value = from_vec(x.shape(), out);
+        self.push(value, Op::SumOthers(a), &[a])
     }
 
-    /// Maximum over one axis (the gradient goes to the first maximal element).
+    /// Maximum over one axis (the gradient goes to the first maximal element; a NaN on the
+    /// axis makes the maximum NaN, as IEEE 754-2019 `maximum`).
     ///
     /// # Panics
     /// If the axis is out of range or has length zero.
@@ -142,7 +164,7 @@ impl<F: Float> Tape<F> {
                 let mut best = base;
                 for k in 1..len {
                     let j = base + k * inner;
-                    if x[j] > x[best] {
+                    if F::beats(x[j], x[best]) {
                         best = j;
                     }
                 }

@@ -249,13 +249,15 @@ impl Op {
             | Op::Tanh(a)
             | Op::Sigmoid(a)
             | Op::Mask(a, _)
+            | Op::SumOthers(a)
             | Op::SumTo(a, _)
             | Op::BroadcastTo(a, _)
             | Op::Reshape(a, _)
             | Op::Permute(a, _)
             | Op::Gather(a, _)
             | Op::ScatterAdd(a, _)
-            | Op::LogSoftmax(a) => (Some(*a), None),
+            | Op::LogSoftmax(a)
+            | Op::Softmax(a) => (Some(*a), None),
         }
     }
 }

@@ -98,6 +98,9 @@ pub enum Op {
     /// `a` where the mask is true, zero elsewhere (same shape). Linear in `a`; the mask
     /// is a constant, so a ReLU's second derivative is zero.
     Mask(Var, Arc<Vec<bool>>),
+    /// For each element, the sum of the *other* elements along the last axis
+    /// (`Σₖ aₖ − aᵢ` without the cancellation). Linear and self-adjoint.
+    SumOthers(Var),
     /// Sum over broadcast dimensions down to the target shape (the adjoint of
     /// [`Op::BroadcastTo`]).
     SumTo(Var, Vec<usize>),
@@ -135,6 +138,8 @@ pub enum Op {
     Conv2dWeightGrad(Var, Var, ConvGeom),
     /// Log-softmax along the last axis.
     LogSoftmax(Var),
+    /// Softmax along the last axis.
+    Softmax(Var),
     /// Batch normalisation of `x` with the batch's own per-channel statistics, then the
     /// affine map `gamma`, `beta`, then with `pool` the gather of ReLU and max-pooling
     /// (fused; see [`crate::ops::norm`]).
@@ -187,6 +192,7 @@ impl Op {
             Op::Tanh(..) => "tanh",
             Op::Sigmoid(..) => "sigmoid",
             Op::Mask(..) => "mask",
+            Op::SumOthers(..) => "sum_others",
             Op::SumTo(..) => "sum_to",
             Op::BroadcastTo(..) => "broadcast_to",
             Op::Reshape(..) => "reshape",
@@ -199,6 +205,7 @@ impl Op {
             Op::Conv2dInputGrad(..) => "conv2d_input_grad",
             Op::Conv2dWeightGrad(..) => "conv2d_weight_grad",
             Op::LogSoftmax(..) => "log_softmax",
+            Op::Softmax(..) => "softmax",
             Op::BatchNorm { pool: None, .. } => "batch_norm_batch_stats",
             Op::BatchNorm { .. } => "batch_norm_relu_max_pool2d",
             Op::BatchNormGrad { .. } => "batch_norm_grad",

@@ -110,6 +110,7 @@ pub(super) fn vjp<F: Float>(
             t.mul(g, d)
         }),
         Op::Mask(a, m) => put!(*a, &mut |t| t.mask_shared(g, m.clone())),
+        Op::SumOthers(a) => put!(*a, &mut |t| t.sum_others(g)),
         Op::SumTo(a, _) => put!(*a, &mut |t| broadcast_like(t, g, *a)),
         Op::BroadcastTo(a, _) => put!(*a, &mut |t| sum_like(t, g, *a)),
         Op::Reshape(a, _) => put!(*a, &mut |t| reshape_like(t, g, *a)),
@@ -162,12 +163,27 @@ pub(super) fn vjp<F: Float>(
             put!(*x, &mut |t| t.conv2d_input_grad(*gy, g, *geom));
             put!(*gy, &mut |t| t.conv2d_geom(*x, g, *geom));
         }
+        // Softmax's Jacobian is diag(p) − ppᵀ per row. Both rules write `1 − pᵢ` as
+        // `Σ_{k≠i} pₖ` and `Σg − gᵢ` as `Σ_{k≠i} gₖ` (sum_others), never as a
+        // difference: where one class dominates (p ≈ 1), `g − p Σg` would cancel the tiny
+        // true gradient to zero, and every Hessian-vector product with it.
         Op::LogSoftmax(a) => put!(*a, &mut |t| {
-            // dy/da · g = g - softmax(a) · sum(g) along the last axis, softmax = exp(y).
-            let p = t.exp(y);
-            let s = t.sum_last_keepdim(g);
-            let ps = t.mul(p, s);
-            t.sub(g, ps)
+            // g − p Σg = g ⊙ (1 − p) − p ⊙ Σ_{k≠i} g.
+            let p = t.softmax(*a);
+            let q = t.sum_others(p);
+            let own = t.mul(g, q);
+            let others = t.sum_others(g);
+            let rest = t.mul(p, others);
+            t.sub(own, rest)
+        }),
+        Op::Softmax(a) => put!(*a, &mut |t| {
+            // p ⊙ (g − Σ pg) = p ⊙ (g ⊙ (1 − p) − Σ_{k≠i} pg), p = y.
+            let q = t.sum_others(y);
+            let own = t.mul(g, q);
+            let pg = t.mul(y, g);
+            let rest = t.sum_others(pg);
+            let d = t.sub(own, rest);
+            t.mul(y, d)
         }),
         Op::BatchNorm {
             x,

@@ -4,6 +4,8 @@
 //! ```text
 //! cargo run --release --example sinusoid              # full run (a few minutes on 2 cores)
 //! cargo run --release --example sinusoid -- --quick   # smoke run (seconds)
+//! cargo run --release --example sinusoid -- --checkpoint-dir runs/ckpt           # checkpointed
+//! cargo run --release --example sinusoid -- --checkpoint-dir runs/ckpt --resume  # continue it
 //! ```
 //!
 //! Setup as in the paper: an MLP 1-40-40-1 with ReLU, tasks `y = A·sin(x − φ)` with
@@ -17,9 +19,18 @@
 //! Writes `sinusoid.svg` (three test tasks per K: the true curve, the K support points, the
 //! prediction before adaptation and after 1 and 10 steps) to `--out`, and ends with one
 //! line `RESULT {json}`.
+//!
+//! With `--checkpoint-dir DIR`, each model's state — learner, Adam, and the task sampler's
+//! generator — is saved atomically to `DIR/checkpoint-k{K}.json` every `--save-every`
+//! meta-steps and when its training ends, with its training curve so far in
+//! `DIR/progress-k{K}.json`. `--resume` continues each model from its checkpoint up to the
+//! same `--steps` (a model with no checkpoint yet starts from step 0; a finished one is
+//! only evaluated): the trained models, their test results and training curves are
+//! bitwise those of a run that was never interrupted.
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use metagrad::checkpoint::Checkpoint;
 use metagrad::data::{SinusoidBatch, SinusoidSampler};
 use metagrad::map_fn::map_tasks;
 use metagrad::meta::{adapt, InnerRule, MetaConfig, MetaLearner, Optimizer, Task};
@@ -27,10 +38,12 @@ use metagrad::nn::{Ctx, Mlp, Model, NormMode};
 use metagrad::Tape;
 use ndarray::ArrayD;
 use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::error::Error;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Instant;
 
 /// Inner learning rate, for training and testing (the paper's α).
@@ -49,9 +62,10 @@ const TEST_SEED: u64 = 20_170_309;
 #[derive(Parser, Debug)]
 #[command(about = "Second-order MAML on sinusoid regression (Finn et al. 2017, sec. 5.1)")]
 struct Args {
-    /// Meta-training steps per model [default: 70000, as in the paper; 300 with --quick].
+    /// Meta-training steps per model [default: 70000, as in the paper; 300 with --quick]
+    /// (a resumed run continues up to this count).
     #[arg(long)]
-    steps: Option<usize>,
+    steps: Option<u64>,
     /// Tasks per meta-batch.
     #[arg(long, default_value_t = 25)]
     meta_batch: usize,
@@ -73,6 +87,16 @@ struct Args {
     /// Smoke run (CI): fewer meta-steps and test tasks unless given explicitly.
     #[arg(long)]
     quick: bool,
+    /// Save checkpoints here (atomically), one per K, every --save-every steps and at the
+    /// end of each model's training.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Meta-steps between checkpoints.
+    #[arg(long, default_value_t = 5000)]
+    save_every: u64,
+    /// Continue from the checkpoints in --checkpoint-dir.
+    #[arg(long, requires = "checkpoint_dir")]
+    resume: bool,
 }
 
 type Learner = MetaLearner<f32, Mlp>;
@@ -108,28 +132,161 @@ fn mean_ci(xs: &[f64]) -> (f64, f64) {
     (mean, 1.96 * (var / n).sqrt())
 }
 
-/// Meta-trains one model with `k` support (and `k` query) points per training task.
-fn train(args: &Args, steps: usize, k: usize) -> Result<(Learner, Vec<f64>), Box<dyn Error>> {
+/// The training curve of one model so far, saved beside its checkpoint so that a resumed
+/// run reports the same curve as an uninterrupted one. Floats are stored as their IEEE-754
+/// bits, so they read back exactly.
+#[derive(Serialize, Deserialize)]
+struct Progress {
+    /// The meta-step the matching checkpoint was saved at.
+    step: u64,
+    /// Tasks per meta-batch of the run (a resumed run must use the same).
+    meta_batch: usize,
+    /// The reported means so far (`f64::to_bits`).
+    curve_bits: Vec<u64>,
+    /// Sum of the losses since the last reported mean (`f64::to_bits`).
+    window_sum_bits: u64,
+    /// Number of losses in that sum.
+    window_len: usize,
+}
+
+/// Where one model's checkpoint and progress files go.
+struct CheckpointFiles {
+    checkpoint: PathBuf,
+    progress: PathBuf,
+}
+
+impl CheckpointFiles {
+    fn new(dir: &Path, k: usize) -> Self {
+        CheckpointFiles {
+            checkpoint: dir.join(format!("checkpoint-k{k}.json")),
+            progress: dir.join(format!("progress-k{k}.json")),
+        }
+    }
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+fn write_replace(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// One meta-trained model: the learner, its training curve (means of the post-update
+/// query MSE), and the meta-step its training started from in this run.
+struct Trained {
+    learner: Learner,
+    curve: Vec<f64>,
+    resumed_from: u64,
+}
+
+/// Meta-trains one model with `k` support (and `k` query) points per training task, up to
+/// `steps` meta-steps in all; with `files`, saves checkpoints there, and resumes from them
+/// under `--resume`.
+fn train(
+    args: &Args,
+    steps: u64,
+    k: usize,
+    files: Option<&CheckpointFiles>,
+) -> Result<Trained, Box<dyn Error>> {
     let config = MetaConfig::maml(TRAIN_INNER_STEPS, INNER_LR);
-    let mut learner = Learner::new(Mlp::sinusoid(), config, args.seed);
+    let mut learner = Learner::new(Mlp::sinusoid(), config.clone(), args.seed);
     let mut opt = Optimizer::adam(META_LR);
     let mut sampler = SinusoidSampler::new(k, k, args.seed.wrapping_add(1 + k as u64))?;
+    let mut window = (0.0, 0usize);
+    let mut curve = Vec::new();
 
-    let report_every = (steps / 20).max(1);
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(steps as u64).with_style(
+    if let Some(files) = files.filter(|f| args.resume && f.checkpoint.exists()) {
+        let checkpoint = Checkpoint::<f32>::load(&files.checkpoint)?;
+        let mut saved = checkpoint.config.clone();
+        saved.parallel_iterations = config.parallel_iterations;
+        if saved != config {
+            eprintln!(
+                "note: K={k}: the checkpoint was trained with {saved:?}; continuing with it \
+                 rather than with {config:?}"
+            );
+        }
+        let (o, rng) = checkpoint.restore(&mut learner)?;
+        opt = o;
+        sampler.set_rng(rng);
+        let progress = std::fs::read_to_string(&files.progress)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Progress>(&text).ok());
+        match progress {
+            Some(p) if p.step == learner.step => {
+                if p.meta_batch != args.meta_batch {
+                    return Err(format!(
+                        "K={k}: the checkpoint was trained with --meta-batch {}; resume with \
+                         the same value (this run has {})",
+                        p.meta_batch, args.meta_batch
+                    )
+                    .into());
+                }
+                curve = p.curve_bits.into_iter().map(f64::from_bits).collect();
+                window = (f64::from_bits(p.window_sum_bits), p.window_len);
+            }
+            _ => eprintln!(
+                "note: K={k}: {} is missing or not from step {}; the training curve restarts \
+                 here (the model does not)",
+                files.progress.display(),
+                learner.step
+            ),
+        }
+        eprintln!(
+            "meta-train K={k}: resumed from {} at meta-step {}",
+            files.checkpoint.display(),
+            learner.step
+        );
+    } else if let Some(files) = files {
+        if args.resume {
+            eprintln!(
+                "note: K={k}: no checkpoint at {}; training this model from step 0",
+                files.checkpoint.display()
+            );
+        } else if files.checkpoint.exists() {
+            eprintln!(
+                "note: {} exists and will be overwritten by this new run (pass --resume to \
+                 continue it instead)",
+                files.checkpoint.display()
+            );
+        }
+    }
+
+    let first = learner.step;
+    let total = steps.max(first);
+    let report_every = (total / 20).max(1);
+    let bar = if std::io::stderr().is_terminal() && first < total {
+        let bar = ProgressBar::new(total).with_style(
             ProgressStyle::default_bar()
                 .template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta}) {msg}")?,
         );
         bar.set_prefix(format!("meta-train K={k}"));
+        bar.set_position(first);
         Some(bar)
     } else {
         None
     };
+    let save = |learner: &Learner,
+                opt: &Optimizer<f32>,
+                sampler: &SinusoidSampler,
+                curve: &[f64],
+                window: (f64, usize)|
+     -> Result<(), Box<dyn Error>> {
+        let Some(files) = files else {
+            return Ok(());
+        };
+        let progress = Progress {
+            step: learner.step,
+            meta_batch: args.meta_batch,
+            curve_bits: curve.iter().map(|v| v.to_bits()).collect(),
+            window_sum_bits: window.0.to_bits(),
+            window_len: window.1,
+        };
+        write_replace(&files.progress, &serde_json::to_string(&progress)?)?;
+        Checkpoint::capture(learner, opt, sampler.rng()).save(&files.checkpoint)?;
+        Ok(())
+    };
     let t0 = Instant::now();
-    let mut window = (0.0, 0usize);
-    let mut curve = Vec::new();
-    for step in 1..=steps {
+    for step in first + 1..=total {
         let batch = sampler.sample_batch(args.meta_batch)?;
         let tasks = Task::<f32>::from_sinusoid(&batch);
         let stats = learner.meta_step(&tasks, &mut opt)?;
@@ -137,16 +294,16 @@ fn train(args: &Args, steps: usize, k: usize) -> Result<(Learner, Vec<f64>), Box
         window.1 += 1;
         if let Some(bar) = &bar {
             bar.inc(1);
-            if step % 50 == 0 || step == steps {
+            if step % 50 == 0 || step == total {
                 bar.set_message(format!("query MSE {:.4}", window.0 / window.1 as f64));
             }
         }
-        if step % report_every == 0 || step == steps {
+        if step % report_every == 0 || step == total {
             let mean = window.0 / window.1 as f64;
             curve.push(mean);
             if bar.is_none() {
                 eprintln!(
-                    "meta-train K={k}: step {step:>6}/{steps}  post-update query MSE \
+                    "meta-train K={k}: step {step:>6}/{total}  post-update query MSE \
                      (mean of last {}) {mean:.4}  [{:.1}s]",
                     window.1,
                     t0.elapsed().as_secs_f64()
@@ -154,18 +311,44 @@ fn train(args: &Args, steps: usize, k: usize) -> Result<(Learner, Vec<f64>), Box
             }
             window = (0.0, 0);
         }
+        if files.is_some() && step % args.save_every.max(1) == 0 && step < total {
+            save(&learner, &opt, &sampler, &curve, window)?;
+            let message = format!("meta-train K={k}: checkpoint saved at step {step}");
+            match &bar {
+                Some(bar) => bar.println(message),
+                None => eprintln!("{message}"),
+            }
+        }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let trained = total - first;
     eprintln!(
-        "meta-train K={k}: {steps} steps in {:.1}s ({:.2} ms/step), final post-update \
-         query MSE {:.4}",
+        "meta-train K={k}: {trained} steps in {:.1}s ({:.2} ms/step), final post-update \
+         query MSE {:.4}{}",
         t0.elapsed().as_secs_f64(),
-        1e3 * t0.elapsed().as_secs_f64() / steps.max(1) as f64,
-        curve.last().copied().unwrap_or(f64::NAN)
+        1e3 * t0.elapsed().as_secs_f64() / trained.max(1) as f64,
+        curve.last().copied().unwrap_or(f64::NAN),
+        if first > 0 {
+            format!(" (resumed at step {first} of {total})")
+        } else {
+            String::new()
+        }
     );
-    Ok((learner, curve))
+    save(&learner, &opt, &sampler, &curve, window)?;
+    if let Some(files) = files {
+        eprintln!(
+            "meta-train K={k}: checkpoint saved: {} (step {})",
+            files.checkpoint.display(),
+            learner.step
+        );
+    }
+    Ok(Trained {
+        learner,
+        curve,
+        resumed_from: first,
+    })
 }
 
 /// Test-set query MSE (mean, 95% CI) after each of [`EVAL_STEPS`] inner steps.
@@ -174,8 +357,15 @@ fn evaluate(learner: &Learner, tasks: &[Task<f32>]) -> Result<Vec<Stat>, Box<dyn
         .iter()
         .map(|&s| {
             let losses = map_tasks(tasks.len(), usize::MAX, |i| {
-                learner.evaluate(&tasks[i], s, NormMode::Transductive).0
-            })?;
+                match learner.evaluate(&tasks[i], s, NormMode::Transductive) {
+                    Ok((mse, _)) => Ok(mse),
+                    // The adaptation diverged on this task: counted, left out of the mean.
+                    Err(metagrad::Error::NonFinite { .. }) => Ok(f64::INFINITY),
+                    Err(e) => Err(e),
+                }
+            })?
+            .into_iter()
+            .collect::<Result<Vec<f64>, _>>()?;
             Ok(stat(&losses))
         })
         .collect()
@@ -305,9 +495,22 @@ fn plot(
     Ok(())
 }
 
-fn main() -> Result<(), Box<dyn Error>> {
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            // A missing checkpoint to resume (the message says where it was looked for).
+            if let Some(metagrad::Error::NotFound { .. }) = e.downcast_ref::<metagrad::Error>() {
+                return ExitCode::from(2);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let start = Instant::now();
-    let args = Args::parse();
     if args.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(args.threads)
@@ -321,6 +524,40 @@ fn main() -> Result<(), Box<dyn Error>> {
         return Err(
             "need --train-k of positive counts, --test-tasks >= 3, --meta-batch >= 1".into(),
         );
+    }
+    let files: Vec<Option<CheckpointFiles>> = args
+        .train_k
+        .iter()
+        .map(|&k| {
+            args.checkpoint_dir
+                .as_ref()
+                .map(|d| CheckpointFiles::new(d, k))
+        })
+        .collect();
+    if let Some(dir) = &args.checkpoint_dir {
+        std::fs::create_dir_all(dir)?;
+        if args.resume && !files.iter().flatten().any(|f| f.checkpoint.exists()) {
+            let names: Vec<String> = files
+                .iter()
+                .flatten()
+                .filter_map(|f| f.checkpoint.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect();
+            return Err(metagrad::Error::NotFound {
+                path: files
+                    .iter()
+                    .flatten()
+                    .next()
+                    .map_or(dir.clone(), |f| f.checkpoint.clone()),
+                hint: format!(
+                    "--resume: no checkpoint of this run has been saved in {} (looked for {}); \
+                     check --checkpoint-dir and --train-k, or start without --resume.",
+                    dir.display(),
+                    names.join(", ")
+                ),
+            }
+            .into());
+        }
     }
     std::fs::create_dir_all(&args.out)?;
     println!(
@@ -340,9 +577,12 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let mut results = Vec::new();
     let mut models = Vec::new();
-    for &k in &args.train_k {
+    let mut resumed_from = Vec::new();
+    for (&k, files) in args.train_k.iter().zip(&files) {
         let t0 = Instant::now();
-        let (learner, curve) = train(&args, steps, k)?;
+        let trained = train(&args, steps, k, files.as_ref())?;
+        let (learner, curve) = (trained.learner, trained.curve);
+        resumed_from.push(trained.resumed_from);
         let train_s = t0.elapsed().as_secs_f64();
         let batch =
             SinusoidSampler::new(k, TEST_QUERY, TEST_SEED + k as u64)?.sample_batch(n_test)?;
@@ -402,7 +642,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("total wall-clock time: {elapsed:.1}s");
     let per_k: Vec<_> = results
         .iter()
-        .map(|(k, mse, curve, train_s, eval_s)| {
+        .zip(&resumed_from)
+        .map(|((k, mse, curve, train_s, eval_s), first)| {
             let by_steps: Vec<_> = EVAL_STEPS
                 .iter()
                 .zip(mse)
@@ -411,17 +652,21 @@ fn main() -> Result<(), Box<dyn Error>> {
                             "median": st.median, "diverged": st.diverged })
                 })
                 .collect();
-            json!({
+            let mut entry = json!({
                 "k": k,
                 "meta_trained_k": k,
                 "test_mse_after_steps": by_steps,
                 "train_curve_post_update_mse": curve,
                 "train_seconds": train_s,
                 "eval_seconds": eval_s,
-            })
+            });
+            if args.checkpoint_dir.is_some() {
+                entry["resumed_from_step"] = json!(first);
+            }
+            entry
         })
         .collect();
-    let result = json!({
+    let mut result = json!({
         "example": "sinusoid",
         "method": "maml-second-order",
         "quick": args.quick,
@@ -439,6 +684,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         "plot": svg.display().to_string(),
         "wall_seconds": elapsed,
     });
+    // Only checkpointed runs carry these keys, so the default run's output is unchanged.
+    if let Some(dir) = &args.checkpoint_dir {
+        result["checkpoint_dir"] = json!(dir.display().to_string());
+        result["resumed"] = json!(args.resume);
+    }
     println!("RESULT {result}");
     Ok(())
 }

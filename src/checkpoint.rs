@@ -1,23 +1,41 @@
 //! Checkpoints: everything needed to resume meta-training bit for bit.
 //!
 //! A [`Checkpoint`] holds the meta-parameters, the running normalisation statistics, the
-//! outer optimiser with its state (Adam moments), the meta-step count, the
-//! [`MetaConfig`], and the state of the task sampler's random number generator. Resuming
-//! from one gives **bitwise** the same parameters as a run that was never interrupted
-//! (see `tests/checkpoint.rs`).
+//! outer optimiser with its state (Adam moments), the meta-step count and the count of
+//! skipped meta-steps, the [`MetaConfig`], and the state of the task sampler's random
+//! number generator ([`EpisodeSampler::rng`](crate::data::EpisodeSampler::rng),
+//! [`SinusoidSampler::rng`](crate::data::SinusoidSampler::rng)). Resuming from one gives
+//! **bitwise** the same parameters as a run that was never interrupted (see
+//! `tests/checkpoint.rs`).
 //!
 //! # File format
 //!
 //! One JSON document (via serde_json) with a header — `"format": "metagrad-checkpoint"`,
 //! `"version"` ([`FORMAT_VERSION`]), `"float"` (`"f32"` or `"f64"`), `"model"` (a
-//! description of the network, its `Debug` form) — then `step`, `config`, `rng`, and the
-//! tensors. Tensors are stored as their IEEE-754 bit patterns, 8 (f32) or 16 (f64)
-//! lowercase hex digits per element, most significant digit first (`3f800000` is
-//! `1.0f32`): serde_json's default float parser is best-effort and does not read every
-//! `f64` back exactly, while bit patterns always round-trip. The scalar hyper-parameters
-//! (learning rates, betas) stay readable numbers; [`Checkpoint::save`] checks that the
-//! written text reads back to exactly what was saved, and fails — before touching any
-//! file — when it would not.
+//! description of the network, its `Debug` form) — then `step`, `skipped_steps` (from
+//! version 2), `config`, `rng`, and the tensors. Tensors are stored as their IEEE-754 bit
+//! patterns, 8 (f32) or 16 (f64) lowercase hex digits per element, most significant digit
+//! first (`3f800000` is `1.0f32`): serde_json's default float parser is best-effort and
+//! does not read every `f64` back exactly, while bit patterns always round-trip. The scalar
+//! hyper-parameters (learning rates, betas) stay readable numbers; [`Checkpoint::save`]
+//! checks that the written text reads back to exactly what was saved, and fails — before
+//! touching any file — when it would not.
+//!
+//! ## Versions
+//!
+//! This build writes version [`FORMAT_VERSION`] (2) and reads every version from
+//! [`OLDEST_FORMAT_VERSION`] (1) on, so a long run checkpointed by an older metagrad still
+//! resumes after an upgrade. A file of a newer version than this build knows is refused
+//! with [`Error::Checkpoint`] naming both versions.
+//!
+//! - **Version 1** (metagrad before the non-finite step policy): the fields above without
+//!   `skipped_steps`. It loads with [`Checkpoint::skipped_steps`] = 0 — runs then could
+//!   not skip steps — and [`Checkpoint::file_version`] = `Some(1)`; saving it again writes
+//!   version 2.
+//! - **Version 2**: adds `"skipped_steps"` (an integer, required), the number of
+//!   meta-steps skipped because their update was not finite
+//!   ([`MetaLearner::skipped_steps`]). The `config` may hold `on_non_finite`; a version-1
+//!   `config` lacks it and reads as the default. Everything else is as in version 1.
 //!
 //! # Atomic writes
 //!
@@ -66,8 +84,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The version of the file format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the file format this build writes (and the newest it reads); see
+/// [Versions](self#versions).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest file format version this build still reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// The value of the `"format"` field that marks a metagrad checkpoint.
 const FORMAT_NAME: &str = "metagrad-checkpoint";
@@ -90,6 +112,9 @@ pub struct Checkpoint<F: Float> {
     pub optimizer: Optimizer<F>,
     /// Meta-steps taken.
     pub step: u64,
+    /// Meta-steps skipped because their update was not finite
+    /// ([`MetaLearner::skipped_steps`]); 0 when read from a version-1 file.
+    pub skipped_steps: u64,
     /// The meta-training hyper-parameters.
     pub config: MetaConfig,
     /// The state of the task sampler's random number generator, so that resuming draws
@@ -98,6 +123,8 @@ pub struct Checkpoint<F: Float> {
     /// Where this checkpoint was loaded from (not stored in the file); named in
     /// [`restore`](Self::restore)'s errors.
     origin: Option<PathBuf>,
+    /// The format version of the file this checkpoint was loaded from (not stored).
+    file_version: Option<u32>,
 }
 
 /// Name of a float type in the file header.
@@ -114,8 +141,9 @@ pub fn describe_model<M: Debug>(model: &M) -> String {
 }
 
 impl<F: Float> Checkpoint<F> {
-    /// Snapshot of a learner (parameters, running statistics, step, config), its outer
-    /// optimiser, and the task sampler's random number generator.
+    /// Snapshot of a learner (parameters, running statistics, step and skipped-step
+    /// counts, config), its outer optimiser, and the task sampler's random number
+    /// generator.
     pub fn capture<M: Model<F> + Debug>(
         learner: &MetaLearner<F, M>,
         optimizer: &Optimizer<F>,
@@ -127,15 +155,24 @@ impl<F: Float> Checkpoint<F> {
             norm: learner.norm.clone(),
             optimizer: optimizer.clone(),
             step: learner.step,
+            skipped_steps: learner.skipped_steps,
             config: learner.config.clone(),
             rng: rng.clone(),
             origin: None,
+            file_version: None,
         }
     }
 
     /// Where this checkpoint was loaded from, if it was.
     pub fn origin(&self) -> Option<&Path> {
         self.origin.as_deref()
+    }
+
+    /// The format version of the file this checkpoint was loaded from, if it was (e.g.
+    /// `Some(1)` for a checkpoint written by an older metagrad); `None` for one made with
+    /// [`capture`](Self::capture). [`save`](Self::save) always writes [`FORMAT_VERSION`].
+    pub fn file_version(&self) -> Option<u32> {
+        self.file_version
     }
 
     /// Whether the checkpoint fits `learner`: the same model description, the same
@@ -180,10 +217,10 @@ impl<F: Float> Checkpoint<F> {
         Ok(())
     }
 
-    /// Puts the checkpoint into `learner` — parameters, running statistics, step count and
-    /// configuration (keeping the learner's `parallel_iterations`, which does not change
-    /// results) — and returns the optimiser and the random number generator to continue
-    /// with.
+    /// Puts the checkpoint into `learner` — parameters, running statistics, step and
+    /// skipped-step counts, and configuration (keeping the learner's `parallel_iterations`,
+    /// which does not change results) — and returns the optimiser and the random number
+    /// generator to continue with.
     ///
     /// # Errors
     /// [`Error::Checkpoint`] when the checkpoint does not fit the learner (see
@@ -204,6 +241,7 @@ impl<F: Float> Checkpoint<F> {
         learner.params = self.params;
         learner.norm = self.norm;
         learner.step = self.step;
+        learner.skipped_steps = self.skipped_steps;
         learner.config = MetaConfig {
             parallel_iterations,
             ..self.config
@@ -229,12 +267,12 @@ impl<F: Float> Checkpoint<F> {
             path: path.to_path_buf(),
             message,
         };
-        let file = FileV1::from_checkpoint(self);
+        let file = FileRepr::from_checkpoint(self);
         let text = serde_json::to_string(&file)
             .map_err(|e| fail(format!("cannot serialise the checkpoint: {e}")))?;
         // serde_json writes NaN and infinities as `null` and reads some numbers back with
         // a one-ulp error: make sure what is written loads back as it is.
-        let again = serde_json::from_str::<FileV1>(&text)
+        let again = serde_json::from_str::<FileRepr>(&text)
             .ok()
             .and_then(|f| serde_json::to_string(&f).ok());
         if again.as_deref() != Some(text.as_str()) {
@@ -253,7 +291,9 @@ impl<F: Float> Checkpoint<F> {
     /// # Errors
     /// [`Error::NotFound`] if there is no file at `path`; [`Error::Io`] if it cannot be
     /// read; [`Error::Checkpoint`] naming the path if it is not a checkpoint, is corrupt or
-    /// truncated, has another format version, or holds another float type than `F`.
+    /// truncated, has a format version this build does not read (newer than
+    /// [`FORMAT_VERSION`], or older than [`OLDEST_FORMAT_VERSION`]), or holds another float
+    /// type than `F`.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = fs::read(path).map_err(|source| {
@@ -289,16 +329,31 @@ impl<F: Float> Checkpoint<F> {
                 )))
             }
         }
-        match value.get("version").and_then(|v| v.as_u64()) {
-            Some(v) if v == u64::from(FORMAT_VERSION) => {}
-            Some(v) => {
+        let version = match value.get("version").and_then(|v| v.as_u64()) {
+            Some(v)
+                if (u64::from(OLDEST_FORMAT_VERSION)..=u64::from(FORMAT_VERSION)).contains(&v) =>
+            {
+                v as u32
+            }
+            Some(v) if v > u64::from(FORMAT_VERSION) => {
                 return Err(fail(format!(
-                    "format version {v}, but this build of metagrad reads version \
-                     {FORMAT_VERSION}"
+                    "format version {v} was written by a newer metagrad; this build reads \
+                     versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION} (upgrade metagrad \
+                     to resume from it)"
                 )))
             }
-            None => return Err(fail("the format version is missing".to_string())),
-        }
+            Some(v) => {
+                return Err(fail(format!(
+                    "format version {v} is not one this build reads (versions \
+                     {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
+                )))
+            }
+            None => {
+                return Err(fail(
+                    "the format version is missing (or not a whole number)".to_string(),
+                ))
+            }
+        };
         let float = value.get("float").and_then(|v| v.as_str()).unwrap_or("?");
         if float != float_name::<F>() {
             return Err(fail(format!(
@@ -306,10 +361,11 @@ impl<F: Float> Checkpoint<F> {
                 float_name::<F>()
             )));
         }
-        let file: FileV1 = serde_json::from_value(value)
+        let file: FileRepr = serde_json::from_value(value)
             .map_err(|e| fail(format!("malformed checkpoint: {e}")))?;
         let mut checkpoint = file.into_checkpoint().map_err(fail)?;
         checkpoint.origin = Some(path.to_path_buf());
+        checkpoint.file_version = Some(version);
         Ok(checkpoint)
     }
 }
@@ -366,7 +422,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// The on-disk representation (version 1).
+// The on-disk representation: versions 1 and 2 share every structure below; version 2
+// adds `FileRepr::skipped_steps`.
 
 /// Elements of a tensor as IEEE-754 bit patterns in hex.
 fn encode<'a, F: Float>(values: impl IntoIterator<Item = &'a F>) -> String {
@@ -413,14 +470,14 @@ fn decode<F: Float>(text: &str, len: usize, what: &str) -> std::result::Result<V
 }
 
 #[derive(Serialize, Deserialize)]
-struct TensorV1 {
+struct TensorRepr {
     shape: Vec<usize>,
     bits: String,
 }
 
-impl TensorV1 {
+impl TensorRepr {
     fn new<F: Float>(a: &ArrayD<F>) -> Self {
-        TensorV1 {
+        TensorRepr {
             shape: a.shape().to_vec(),
             bits: encode(a.iter()),
         }
@@ -434,14 +491,14 @@ impl TensorV1 {
 }
 
 #[derive(Serialize, Deserialize)]
-struct NamedTensorV1 {
+struct NamedTensorRepr {
     name: String,
     #[serde(flatten)]
-    tensor: TensorV1,
+    tensor: TensorRepr,
 }
 
 #[derive(Serialize, Deserialize)]
-struct StatsV1 {
+struct StatsRepr {
     channels: usize,
     mean: String,
     var: String,
@@ -449,80 +506,84 @@ struct StatsV1 {
 }
 
 #[derive(Serialize, Deserialize)]
-struct NormV1 {
+struct NormRepr {
     momentum: f64,
-    stats: Vec<Vec<StatsV1>>,
+    stats: Vec<Vec<StatsRepr>>,
 }
 
 #[derive(Serialize, Deserialize)]
-enum RuleV1 {
+enum RuleRepr {
     Sgd,
     Adam {
         beta1: f64,
         beta2: f64,
         eps: f64,
-        m: Vec<TensorV1>,
-        v: Vec<TensorV1>,
+        m: Vec<TensorRepr>,
+        v: Vec<TensorRepr>,
     },
 }
 
 #[derive(Serialize, Deserialize)]
-struct OptimizerV1 {
+struct OptimizerRepr {
     lr: f64,
     clip_norm: Option<f64>,
     steps: u64,
-    rule: RuleV1,
+    rule: RuleRepr,
 }
 
 #[derive(Serialize, Deserialize)]
-struct FileV1 {
+struct FileRepr {
     format: String,
     version: u32,
     float: String,
     model: String,
     step: u64,
+    /// Required from version 2 on, absent in version 1 (checked in `into_checkpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    skipped_steps: Option<u64>,
     config: MetaConfig,
     rng: Rng,
-    params: Vec<NamedTensorV1>,
-    norm: NormV1,
-    optimizer: OptimizerV1,
+    params: Vec<NamedTensorRepr>,
+    norm: NormRepr,
+    optimizer: OptimizerRepr,
 }
 
-impl FileV1 {
+impl FileRepr {
     fn from_checkpoint<F: Float>(c: &Checkpoint<F>) -> Self {
         let rule = match &c.optimizer.rule {
-            Rule::Sgd => RuleV1::Sgd,
+            Rule::Sgd => RuleRepr::Sgd,
             Rule::Adam {
                 beta1,
                 beta2,
                 eps,
                 m,
                 v,
-            } => RuleV1::Adam {
+            } => RuleRepr::Adam {
                 beta1: *beta1,
                 beta2: *beta2,
                 eps: *eps,
-                m: m.iter().map(TensorV1::new).collect(),
-                v: v.iter().map(TensorV1::new).collect(),
+                m: m.iter().map(TensorRepr::new).collect(),
+                v: v.iter().map(TensorRepr::new).collect(),
             },
         };
-        FileV1 {
+        FileRepr {
             format: FORMAT_NAME.to_string(),
             version: FORMAT_VERSION,
             float: float_name::<F>().to_string(),
             model: c.model.clone(),
             step: c.step,
+            skipped_steps: Some(c.skipped_steps),
             config: c.config.clone(),
             rng: c.rng.clone(),
             params: c
                 .params
                 .iter()
-                .map(|(name, t)| NamedTensorV1 {
+                .map(|(name, t)| NamedTensorRepr {
                     name: name.to_string(),
-                    tensor: TensorV1::new(t),
+                    tensor: TensorRepr::new(t),
                 })
                 .collect(),
-            norm: NormV1 {
+            norm: NormRepr {
                 momentum: c.norm.momentum,
                 stats: c
                     .norm
@@ -531,7 +592,7 @@ impl FileV1 {
                     .map(|layer| {
                         layer
                             .iter()
-                            .map(|s| StatsV1 {
+                            .map(|s| StatsRepr {
                                 channels: s.mean.len(),
                                 mean: encode(&s.mean),
                                 var: encode(&s.var),
@@ -541,7 +602,7 @@ impl FileV1 {
                     })
                     .collect(),
             },
-            optimizer: OptimizerV1 {
+            optimizer: OptimizerRepr {
                 lr: c.optimizer.lr,
                 clip_norm: c.optimizer.clip_norm,
                 steps: c.optimizer.steps,
@@ -551,6 +612,23 @@ impl FileV1 {
     }
 
     fn into_checkpoint<F: Float>(self) -> std::result::Result<Checkpoint<F>, String> {
+        let skipped_steps = match (self.version, self.skipped_steps) {
+            (1, None) => 0,
+            (1, Some(_)) => {
+                return Err(
+                    "a version-1 checkpoint cannot hold \"skipped_steps\" (added in \
+                            version 2)"
+                        .to_string(),
+                )
+            }
+            (_, Some(n)) => n,
+            (v, None) => {
+                return Err(format!(
+                    "malformed checkpoint: missing field `skipped_steps` (required from \
+                     format version 2 on; the file says version {v})"
+                ))
+            }
+        };
         let mut params = Params::new();
         for p in &self.params {
             if params.index_of(&p.name).is_some() {
@@ -573,15 +651,15 @@ impl FileV1 {
             stats.push(sets);
         }
         let tensors =
-            |ts: &[TensorV1], what: &str| -> std::result::Result<Vec<ArrayD<F>>, String> {
+            |ts: &[TensorRepr], what: &str| -> std::result::Result<Vec<ArrayD<F>>, String> {
                 ts.iter()
                     .enumerate()
                     .map(|(i, t)| t.array(&format!("{what} {i}")))
                     .collect()
             };
         let rule = match &self.optimizer.rule {
-            RuleV1::Sgd => Rule::Sgd,
-            RuleV1::Adam {
+            RuleRepr::Sgd => Rule::Sgd,
+            RuleRepr::Adam {
                 beta1,
                 beta2,
                 eps,
@@ -609,9 +687,11 @@ impl FileV1 {
                 rule,
             },
             step: self.step,
+            skipped_steps,
             config: self.config,
             rng: self.rng,
             origin: None,
+            file_version: None,
         })
     }
 }

@@ -211,11 +211,11 @@ fn episode_labels_are_permuted_across_tasks() {
 
     // The label of a given class changes across tasks, too.
     let collection = ImageCollection::from_class_sizes(
-        Array3::from_shape_fn((4, 1, 1), |(i, _, _)| i as f32),
-        &[1, 1, 1, 1],
+        Array3::from_shape_fn((8, 1, 1), |(i, _, _)| i as f32),
+        &[2, 2, 2, 2],
     )
     .unwrap();
-    let mut sampler = EpisodeSampler::new(&collection, EpisodeSpec::new(4, 1, 0), 1).unwrap();
+    let mut sampler = EpisodeSampler::new(&collection, EpisodeSpec::new(4, 1, 1), 1).unwrap();
     let label_of_class0: HashSet<usize> = (0..30)
         .map(|_| {
             let ep = sampler.sample();
@@ -279,6 +279,8 @@ fn episode_configuration_errors() {
     );
     message(EpisodeSpec::new(0, 1, 1));
     message(EpisodeSpec::new(5, 0, 1));
+    let m = message(EpisodeSpec::new(5, 1, 0)); // no query set: no meta-loss
+    assert!(m.contains("queries = 0"), "{m}");
     message(EpisodeSpec::new(5, usize::MAX, 1)); // overflow of shots + queries
                                                  // Exactly all examples of a class is fine.
     assert!(EpisodeSampler::new(&collection, EpisodeSpec::new(20, 5, 5), 0).is_ok());

@@ -288,7 +288,8 @@ pub struct EpisodeSpec {
     pub ways: usize,
     /// Support examples per class (`K`).
     pub shots: usize,
-    /// Query examples per class (`Q`); may be zero.
+    /// Query examples per class (`Q`), at least one: a task without a query set has
+    /// no meta-loss.
     pub queries: usize,
 }
 
@@ -304,8 +305,8 @@ impl EpisodeSpec {
 
     /// Checks that tasks of this shape can be drawn from `collection`.
     ///
-    /// Errors with [`Error::Config`] naming the values when `ways` or `shots` is
-    /// zero, `ways` exceeds the number of classes, or `shots + queries` exceeds the
+    /// Errors with [`Error::Config`] naming the values when `ways`, `shots` or `queries`
+    /// is zero, `ways` exceeds the number of classes, or `shots + queries` exceeds the
     /// size of the smallest class.
     pub fn validate(&self, collection: &ImageCollection) -> Result<()> {
         let EpisodeSpec {
@@ -313,9 +314,11 @@ impl EpisodeSpec {
             shots,
             queries,
         } = *self;
-        if ways == 0 || shots == 0 {
+        if ways == 0 || shots == 0 || queries == 0 {
             return Err(Error::Config(format!(
-                "episodes need at least 1 way and 1 shot, got ways = {ways}, shots = {shots}"
+                "episodes need at least 1 way, 1 shot and 1 query per class, got ways = \
+                 {ways}, shots = {shots}, queries = {queries} (a task without a query set \
+                 has no meta-loss)"
             )));
         }
         let classes = collection.num_classes();

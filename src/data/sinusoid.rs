@@ -224,7 +224,23 @@ impl SinusoidBatch {
 
 /// A seeded source of sinusoid tasks with fixed `K` (support) and `Q` (query) sizes.
 ///
-/// The same seed always yields the same sequence of tasks and batches.
+/// The same seed always yields the same sequence of tasks and batches. The generator's
+/// state ([`rng`](Self::rng)) is all a sampler remembers between draws, so saving it in a
+/// [`Checkpoint`](crate::checkpoint::Checkpoint) and restoring it with
+/// [`with_rng`](Self::with_rng) or [`set_rng`](Self::set_rng) continues with exactly the
+/// tasks an uninterrupted run would draw:
+///
+/// ```
+/// use metagrad::data::{SinusoidConfig, SinusoidSampler};
+///
+/// let mut sampler = SinusoidSampler::new(5, 5, 0)?;
+/// sampler.sample_batch(25)?;
+/// let saved = sampler.rng().clone(); // e.g. Checkpoint::capture(&learner, &opt, sampler.rng())
+///
+/// let mut resumed = SinusoidSampler::with_rng(SinusoidConfig::default(), 5, 5, saved)?;
+/// assert_eq!(resumed.sample_batch(25)?, sampler.sample_batch(25)?);
+/// # Ok::<(), metagrad::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct SinusoidSampler {
     config: SinusoidConfig,
@@ -249,6 +265,19 @@ impl SinusoidSampler {
         k_query: usize,
         seed: u64,
     ) -> Result<Self> {
+        Self::with_rng(config, k_support, k_query, rng_from_seed(seed))
+    }
+
+    /// A sampler that continues from the generator state `rng`, e.g. one saved with
+    /// [`rng`](Self::rng) in a [`Checkpoint`](crate::checkpoint::Checkpoint): with the
+    /// same `config`, `k_support` and `k_query` it draws exactly the tasks the saved
+    /// sampler would have drawn next. Errors as [`with_config`](Self::with_config).
+    pub fn with_rng(
+        config: SinusoidConfig,
+        k_support: usize,
+        k_query: usize,
+        rng: Rng,
+    ) -> Result<Self> {
         config.validate()?;
         if k_support == 0 || k_query == 0 {
             return Err(Error::Config(format!(
@@ -260,8 +289,22 @@ impl SinusoidSampler {
             config,
             k_support,
             k_query,
-            rng: rng_from_seed(seed),
+            rng,
         })
+    }
+
+    /// The state of the sampler's random number generator: what to store in a
+    /// [`Checkpoint`](crate::checkpoint::Checkpoint) so that a resumed run draws the
+    /// same tasks.
+    pub fn rng(&self) -> &Rng {
+        &self.rng
+    }
+
+    /// Replaces the generator state, e.g. with one restored from a
+    /// [`Checkpoint`](crate::checkpoint::Checkpoint); the next draws are those of the
+    /// sampler the state was saved from (given the same config, `K` and `Q`).
+    pub fn set_rng(&mut self, rng: Rng) {
+        self.rng = rng;
     }
 
     /// The ranges tasks are drawn from.

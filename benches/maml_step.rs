@@ -213,18 +213,68 @@ fn run<M: Model<f32> + Clone>(
     };
     let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
     let rss = peak_rss_mb();
+    let check = check_cost(&learner, &opt, &make());
     let tps = w.meta_batch as f64 / median;
     println!(
         "{:24} median {median:9.5} s/step  min {min:9.5}  max {max:9.5}  tasks/s {tps:9.1}  (steps={steps}, warmup={warmup}, meta_batch={}, threads={threads}, first/last loss {:.4}/{:.4}, peak RSS {rss:.0} MiB)",
         w.name, w.meta_batch, losses[0], losses[losses.len() - 1]
     );
     println!(
+        "{:24} non-finite check {:8.1} µs/step = {:.3}% of the median step",
+        "",
+        check * 1e6,
+        100.0 * check / median
+    );
+    println!(
         "{}",
         serde_json::json!({
             "workload": w.name, "median_s": median, "min_s": min, "max_s": max,
             "tasks_per_s": tps, "threads": threads, "steps": steps, "peak_rss_mb": rss,
+            "check_s": check,
         })
     );
+}
+
+/// What `meta_step` spends on its guarantees, per step (median of repeats): validating
+/// the request, the finiteness scan of every task's meta-gradient, and applying the update
+/// all or nothing (on copies, with a scan of the results) instead of in place.
+fn check_cost<M: Model<f32> + Clone>(
+    learner: &MetaLearner<f32, M>,
+    opt: &Optimizer<f32>,
+    tasks: &[Task<f32>],
+) -> f64 {
+    let update: Vec<ArrayD<f32>> = learner
+        .params
+        .tensors()
+        .iter()
+        .map(|p| ArrayD::zeros(p.raw_dim()))
+        .collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let repeats = 21;
+    let mut costs = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let (mut guarded, mut o1) = (learner.clone(), opt.clone());
+        let (mut plain, mut o2) = (learner.params.clone(), opt.clone());
+        let t0 = Instant::now();
+        Task::validate_batch(tasks).expect("valid tasks");
+        learner.config.validate().expect("valid config");
+        opt.validate().expect("valid optimiser");
+        for _ in tasks {
+            let finite = update.iter().all(|g| g.iter().all(|v| v.is_finite()));
+            std::hint::black_box(finite);
+        }
+        guarded.apply(&update, &[], &mut o1).expect("finite update");
+        let guarded_s = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        o2.step(plain.tensors_mut(), &update);
+        let plain_s = t0.elapsed().as_secs_f64();
+        std::hint::black_box((&guarded, &plain));
+        costs.push((guarded_s - plain_s).max(0.0));
+    }
+    median(costs)
 }
 
 fn main() {

@@ -42,7 +42,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use metagrad::checkpoint::Checkpoint;
 use metagrad::data::{omniglot, rng_from_seed, EpisodeSampler, EpisodeSpec, Omniglot};
 use metagrad::eval::evaluate_episodes;
-use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order, Task};
+use metagrad::meta::{MetaConfig, MetaLearner, NonFinite, Optimizer, Order, Task};
 use metagrad::nn::{Conv4, NormKind, NormMode};
 use plotters::prelude::*;
 use serde_json::json;
@@ -146,6 +146,10 @@ struct Args {
     /// Test tasks of the evaluation protocol.
     #[arg(long, default_value_t = 600)]
     eval_tasks: usize,
+    /// Skip (and count) meta-steps whose loss or update is not finite, instead of
+    /// stopping with an error; nothing non-finite reaches the parameters either way.
+    #[arg(long)]
+    skip_non_finite: bool,
     /// Seed of initialisation and training episodes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -321,7 +325,14 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
     } else {
         Order::Second
     };
-    let config = MetaConfig::maml(args.inner_steps, args.inner_lr).with_order(order);
+    let policy = if args.skip_non_finite {
+        NonFinite::Skip
+    } else {
+        NonFinite::Error
+    };
+    let config = MetaConfig::maml(args.inner_steps, args.inner_lr)
+        .with_order(order)
+        .with_non_finite(policy);
     let mut learner = MetaLearner::<f32, _>::new(model, config.clone(), args.seed);
     let mut opt = Optimizer::adam(args.outer_lr);
     let mut rng = rng_from_seed(args.seed.wrapping_add(1));
@@ -374,7 +385,8 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
             );
         }
         (opt, rng) = (o, r);
-        curve = read_csv(&csv_path, learner.step);
+        learner.config.on_non_finite = policy; // this run's choice, not the saved one
+        curve = read_csv(&csv_path, learner.meta_batches());
         eprintln!(
             "resumed from {} at meta-step {} ({} curve points)",
             path.display(),
@@ -416,7 +428,8 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
 
     // ---- meta-training ----
     let mut sampler = EpisodeSampler::with_rng(&train, spec, rng)?;
-    let first = learner.step;
+    // Counted in meta-batches drawn, so that skipped steps resume bit for bit.
+    let first = learner.meta_batches();
     let total = args.steps.max(first);
     let report_every = (total / 20).max(1);
     let bar = if std::io::stderr().is_terminal() && first < total {
@@ -453,9 +466,21 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
             accuracy,
             seconds: seconds_before + t_train.elapsed().as_secs_f64(),
         });
-        window.0 += stats.loss;
-        window.1 += accuracy;
-        window.2 += 1;
+        if stats.skipped {
+            let message = format!(
+                "meta-step {step}: skipped, its loss or update was not finite ({} skipped so \
+                 far)",
+                learner.skipped_steps
+            );
+            match &bar {
+                Some(bar) => bar.println(message),
+                None => eprintln!("{message}"),
+            }
+        } else {
+            window.0 += stats.loss;
+            window.1 += accuracy;
+            window.2 += 1;
+        }
         let (loss, acc) = (window.0 / window.2 as f64, window.1 / window.2 as f64);
         if let Some(bar) = &bar {
             bar.inc(1);
@@ -560,6 +585,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         "norm": format!("{:?}", args.norm).to_lowercase(),
         "filters": args.filters,
         "meta_steps": learner.step,
+        "skipped_steps": learner.skipped_steps,
         "meta_batch": args.meta_batch,
         "inner_steps": learner.config.inner_steps,
         "inner_lr": learner.config.inner_lr,

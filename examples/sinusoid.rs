@@ -33,7 +33,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use metagrad::checkpoint::Checkpoint;
 use metagrad::data::{SinusoidBatch, SinusoidSampler};
 use metagrad::map_fn::map_tasks;
-use metagrad::meta::{adapt, InnerRule, MetaConfig, MetaLearner, Optimizer, Task};
+use metagrad::meta::{adapt, InnerRule, MetaConfig, MetaLearner, NonFinite, Optimizer, Task};
 use metagrad::nn::{Ctx, Mlp, Model, NormMode};
 use metagrad::Tape;
 use ndarray::ArrayD;
@@ -75,6 +75,10 @@ struct Args {
     /// Number of test tasks per K [default: 600; 100 with --quick].
     #[arg(long)]
     test_tasks: Option<usize>,
+    /// Skip (and count) meta-steps whose loss or update is not finite, instead of
+    /// stopping with an error; nothing non-finite reaches the parameters either way.
+    #[arg(long)]
+    skip_non_finite: bool,
     /// Seed of initialisation and training tasks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -188,7 +192,12 @@ fn train(
     k: usize,
     files: Option<&CheckpointFiles>,
 ) -> Result<Trained, Box<dyn Error>> {
-    let config = MetaConfig::maml(TRAIN_INNER_STEPS, INNER_LR);
+    let policy = if args.skip_non_finite {
+        NonFinite::Skip
+    } else {
+        NonFinite::Error
+    };
+    let config = MetaConfig::maml(TRAIN_INNER_STEPS, INNER_LR).with_non_finite(policy);
     let mut learner = Learner::new(Mlp::sinusoid(), config.clone(), args.seed);
     let mut opt = Optimizer::adam(META_LR);
     let mut sampler = SinusoidSampler::new(k, k, args.seed.wrapping_add(1 + k as u64))?;
@@ -199,6 +208,7 @@ fn train(
         let checkpoint = Checkpoint::<f32>::load(&files.checkpoint)?;
         let mut saved = checkpoint.config.clone();
         saved.parallel_iterations = config.parallel_iterations;
+        saved.on_non_finite = config.on_non_finite;
         if saved != config {
             eprintln!(
                 "note: K={k}: the checkpoint was trained with {saved:?}; continuing with it \
@@ -206,13 +216,14 @@ fn train(
             );
         }
         let (o, rng) = checkpoint.restore(&mut learner)?;
+        learner.config.on_non_finite = policy; // this run's choice, not the saved one
         opt = o;
         sampler.set_rng(rng);
         let progress = std::fs::read_to_string(&files.progress)
             .ok()
             .and_then(|text| serde_json::from_str::<Progress>(&text).ok());
         match progress {
-            Some(p) if p.step == learner.step => {
+            Some(p) if p.step == learner.meta_batches() => {
                 if p.meta_batch != args.meta_batch {
                     return Err(format!(
                         "K={k}: the checkpoint was trained with --meta-batch {}; resume with \
@@ -251,7 +262,8 @@ fn train(
         }
     }
 
-    let first = learner.step;
+    // Counted in meta-batches drawn, so that skipped steps resume bit for bit.
+    let first = learner.meta_batches();
     let total = steps.max(first);
     let report_every = (total / 20).max(1);
     let bar = if std::io::stderr().is_terminal() && first < total {
@@ -275,7 +287,7 @@ fn train(
             return Ok(());
         };
         let progress = Progress {
-            step: learner.step,
+            step: learner.meta_batches(),
             meta_batch: args.meta_batch,
             curve_bits: curve.iter().map(|v| v.to_bits()).collect(),
             window_sum_bits: window.0.to_bits(),
@@ -290,8 +302,20 @@ fn train(
         let batch = sampler.sample_batch(args.meta_batch)?;
         let tasks = Task::<f32>::from_sinusoid(&batch);
         let stats = learner.meta_step(&tasks, &mut opt)?;
-        window.0 += stats.loss;
-        window.1 += 1;
+        if stats.skipped {
+            let message = format!(
+                "meta-train K={k}: step {step} skipped, its loss or update was not finite \
+                 ({} skipped so far)",
+                learner.skipped_steps
+            );
+            match &bar {
+                Some(bar) => bar.println(message),
+                None => eprintln!("{message}"),
+            }
+        } else {
+            window.0 += stats.loss;
+            window.1 += 1;
+        }
         if let Some(bar) = &bar {
             bar.inc(1);
             if step % 50 == 0 || step == total {
@@ -643,28 +667,32 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let per_k: Vec<_> = results
         .iter()
         .zip(&resumed_from)
-        .map(|((k, mse, curve, train_s, eval_s), first)| {
-            let by_steps: Vec<_> = EVAL_STEPS
-                .iter()
-                .zip(mse)
-                .map(|(s, st)| {
-                    json!({ "inner_steps": s, "mse": st.mean, "ci95": st.ci,
+        .zip(&models)
+        .map(
+            |(((k, mse, curve, train_s, eval_s), first), (_, learner, _, _))| {
+                let by_steps: Vec<_> = EVAL_STEPS
+                    .iter()
+                    .zip(mse)
+                    .map(|(s, st)| {
+                        json!({ "inner_steps": s, "mse": st.mean, "ci95": st.ci,
                             "median": st.median, "diverged": st.diverged })
-                })
-                .collect();
-            let mut entry = json!({
-                "k": k,
-                "meta_trained_k": k,
-                "test_mse_after_steps": by_steps,
-                "train_curve_post_update_mse": curve,
-                "train_seconds": train_s,
-                "eval_seconds": eval_s,
-            });
-            if args.checkpoint_dir.is_some() {
-                entry["resumed_from_step"] = json!(first);
-            }
-            entry
-        })
+                    })
+                    .collect();
+                let mut entry = json!({
+                    "k": k,
+                    "meta_trained_k": k,
+                    "test_mse_after_steps": by_steps,
+                    "train_curve_post_update_mse": curve,
+                    "train_seconds": train_s,
+                    "eval_seconds": eval_s,
+                    "skipped_steps": learner.skipped_steps,
+                });
+                if args.checkpoint_dir.is_some() {
+                    entry["resumed_from_step"] = json!(first);
+                }
+                entry
+            },
+        )
         .collect();
     let mut result = json!({
         "example": "sinusoid",

@@ -14,6 +14,10 @@ pub mod nn;
 pub mod ops;
 pub mod tape;
 
+/// The `ndarray` crate (version 0.16) that every tensor in metagrad's API is made of:
+/// build inputs and read results with it, so that your arrays are metagrad's arrays.
+pub use ndarray;
+
 pub use alloc::tune_allocator;
 pub use error::{Error, Result};
 pub use float::Float;

@@ -154,7 +154,7 @@ fn the_skip_policy_skips_counts_and_changes_nothing_else() {
     let (mut l, mut opt) = trained(Mlp::sinusoid(), &clean, false);
     l.config.on_non_finite = NonFinite::Skip;
     let mut bad = sine_tasks(4, 6);
-    poison(&mut bad[0].query_y_values(), 0, f32::NAN);
+    poison(bad[0].query_y_values(), 0, f32::NAN);
     let (params, norm, step, opt0) = (l.params.clone(), l.norm.clone(), l.step, opt.clone());
     let stats = l.meta_step(&bad, &mut opt).unwrap();
     assert!(stats.skipped && stats.loss.is_nan());

@@ -49,7 +49,7 @@ fn ce_both<F: Float>(logits: &[f64], y: usize, v: &[f64]) -> (F, Vec<F>, Vec<F>)
         let p = t.param(x.clone());
         let l = f(&mut t, &[p]);
         let g = t.grad(l, &[p], false)[0];
-        let h = hvp(f, &[x.clone()], &[dir.clone()]);
+        let h = hvp(f, std::slice::from_ref(&x), std::slice::from_ref(&dir));
         let flat = |a: &ArrayD<F>| a.iter().copied().collect::<Vec<F>>();
         (
             t.value(l).iter().copied().next().unwrap(),

@@ -418,6 +418,13 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         Ok(())
     }
 
+    /// Meta-batches consumed: steps taken plus steps skipped. A training loop that draws
+    /// one meta-batch per step counts with this, so that a resumed run draws the same
+    /// batches as an uninterrupted one even when some steps were skipped.
+    pub fn meta_batches(&self) -> u64 {
+        self.step + self.skipped_steps
+    }
+
     /// Number of network parameter tensors (the learned rates follow them).
     pub fn network_len(&self) -> usize {
         self.net_len
@@ -609,8 +616,13 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 bad.push(i);
                 continue;
             }
-            for k in i * chunk..(i * chunk + groups[i].len()) {
-                let one = std::slice::from_ref(&tasks[k]);
+            for (k, task) in tasks
+                .iter()
+                .enumerate()
+                .skip(i * chunk)
+                .take(groups[i].len())
+            {
+                let one = std::slice::from_ref(task);
                 let r = map_tasks(1, 1, |_| self.run_group(one, second_order))
                     .map_err(|e| reindex(e, k))?;
                 if !r[0].finite {
@@ -683,33 +695,16 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         batch: BatchResult<F>,
         opt: &mut Optimizer<F>,
     ) -> Result<StepStats> {
-        let names = self.params.names();
-        let mut param = batch
-            .update
-            .iter()
-            .position(|g| !all_finite(g))
-            .map(|i| names[i].clone());
-        if batch.bad_tasks.is_empty() && param.is_none() && batch.stats.loss.is_finite() {
-            // Tried on copies, so that a non-finite result changes nothing.
-            let (mut params, mut next_opt, mut norm) =
-                (self.params.clone(), opt.clone(), self.norm.clone());
-            next_opt.step(params.tensors_mut(), &batch.update);
-            norm.update(&batch.observed);
-            param = params
-                .tensors()
-                .iter()
-                .position(|p| !all_finite(p))
-                .or_else(|| next_opt.first_non_finite_state())
-                .map(|i| names[i].clone())
-                .or_else(|| first_non_finite_stats(&norm));
-            if param.is_none() {
-                self.params = params;
-                self.norm = norm;
-                *opt = next_opt;
-                self.step += 1;
-                return Ok(batch.stats);
+        let param = if batch.bad_tasks.is_empty() && batch.stats.loss.is_finite() {
+            match self.try_apply(&batch.update, &batch.observed, opt) {
+                Ok(()) => return Ok(batch.stats),
+                Err(param) => param,
             }
-        }
+        } else {
+            let names = self.params.names();
+            let bad = batch.update.iter().position(|g| !all_finite(g));
+            bad.map(|i| names[i].clone())
+        };
         match self.config.on_non_finite {
             NonFinite::Error => Err(Error::NonFinite {
                 during,
@@ -725,6 +720,78 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 })
             }
         }
+    }
+
+    /// Applies a meta-gradient (or any update direction, e.g. from
+    /// [`MetaLearner::meta_gradient`] combined across processes) with `opt`, folds in the
+    /// observed batch-norm statistics and counts the step — all or nothing: if the update,
+    /// the new parameters, the optimiser's new state or the new statistics are not
+    /// finite, nothing changes.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`](crate::Error::NonFinite) (`during: "apply"`) naming the first
+    /// parameter affected; [`Error::Config`](crate::Error::Config) for an update that does
+    /// not match the parameters or an optimiser that cannot step
+    /// ([`Optimizer::validate`]).
+    pub fn apply(
+        &mut self,
+        update: &[ArrayD<F>],
+        observed: &[Observed<F>],
+        opt: &mut Optimizer<F>,
+    ) -> Result<()> {
+        opt.validate()?;
+        let fits = update.len() == self.params.len()
+            && update
+                .iter()
+                .zip(self.params.tensors())
+                .all(|(u, p)| u.shape() == p.shape());
+        if !fits {
+            return Err(Error::Config(format!(
+                "an update of {} tensors does not match the learner's {} parameters",
+                update.len(),
+                self.params.len()
+            )));
+        }
+        self.try_apply(update, observed, opt)
+            .map_err(|param| Error::NonFinite {
+                during: "apply",
+                step: self.step,
+                tasks: Vec::new(),
+                param,
+            })
+    }
+
+    /// The all-or-nothing update: tried on copies, committed only if everything stays
+    /// finite; otherwise the first thing that does not, by name.
+    fn try_apply(
+        &mut self,
+        update: &[ArrayD<F>],
+        observed: &[Observed<F>],
+        opt: &mut Optimizer<F>,
+    ) -> std::result::Result<(), Option<String>> {
+        let names = self.params.names();
+        if let Some(i) = update.iter().position(|g| !all_finite(g)) {
+            return Err(Some(names[i].clone()));
+        }
+        let (mut params, mut next_opt, mut norm) =
+            (self.params.clone(), opt.clone(), self.norm.clone());
+        next_opt.step(params.tensors_mut(), update);
+        norm.update(observed);
+        let bad = params
+            .tensors()
+            .iter()
+            .position(|p| !all_finite(p))
+            .or_else(|| next_opt.first_non_finite_state())
+            .map(|i| names[i].clone())
+            .or_else(|| first_non_finite_stats(&norm));
+        if bad.is_some() {
+            return Err(bad);
+        }
+        self.params = params;
+        self.norm = norm;
+        *opt = next_opt;
+        self.step += 1;
+        Ok(())
     }
 
     /// One Reptile step (Nichol et al., 2018): adapt on each support set with `steps`

@@ -90,7 +90,7 @@ impl<F: Float> Task<F> {
                 "an empty meta-batch: a meta-step needs at least one task".into(),
             ));
         };
-        let kind = |t: &Task<F>| [&t.support_y, &t.query_y].map(|y| std::mem::discriminant(y));
+        let kind = |t: &Task<F>| [&t.support_y, &t.query_y].map(std::mem::discriminant);
         let (layout, k0) = (first.layout(), kind(first));
         for (i, task) in tasks.iter().enumerate() {
             task.validate().map_err(|e| match e {

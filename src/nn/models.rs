@@ -10,11 +10,88 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// A network as a function of explicit parameters.
+/// A network as a function of explicit parameters: what the meta-learners adapt.
+///
+/// A model holds no weights. [`Model::init`] makes them, and [`Model::forward`] computes
+/// the output from the parameters it is given as tape variables — the meta-parameters, or
+/// the adapted ones after any number of inner steps — so that every output is
+/// differentiable with respect to them, to any order.
+///
+/// # What `forward` must do with [`Ctx`]
+/// - **`ctx.mode`**: pass it to every batch norm ([`batch_norm`](super::norm::batch_norm)
+///   takes it); it decides between the batch's statistics and the running ones. Layers
+///   without running statistics (group, layer, instance norm) ignore it.
+/// - **`ctx.observed`**: in [`NormMode::Train`](super::NormMode), push the batch
+///   statistics each batch norm used, in layer order ([`Observed`], with `layer` as in
+///   [`Model::batch_norm_channels`] and `step` = `ctx.step` for per-step statistics). The
+///   learner folds them into its running statistics after a successful step.
+/// - **`ctx.step`**: the inner step being run (0-based); select per-step weights or
+///   statistics with it when [`Model::norm_steps`] is above 1.
+/// - **`ctx.running`**: the learner's running statistics; read them in inductive mode.
+/// - **`ctx.record_context`**, **`ctx.context`**: only for models whose
+///   [`Model::needs_context`] is true (TaskNorm): when recording, store each norm's
+///   context statistics in `ctx.context[layer]`; otherwise read them from there.
+///
+/// A model without normalisation can ignore `ctx` entirely:
+///
+/// ```
+/// use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Task};
+/// use metagrad::nn::{Ctx, Model, Params, Targets};
+/// use metagrad::ndarray::{ArrayD, IxDyn};
+/// use metagrad::{Tape, Var};
+///
+/// /// `y = tanh(x · w + b) · v`: one hidden layer of `h` units, one input, one output.
+/// struct TanhNet {
+///     h: usize,
+/// }
+///
+/// impl Model<f64> for TanhNet {
+///     fn init(&self, seed: u64) -> Params<f64> {
+///         let mut p = Params::new();
+///         let k = seed as f64 + 1.0;
+///         let ramp = |n: usize, s: f64| ArrayD::from_shape_fn(IxDyn(&[1, n]), |i| s * (i[1] as f64 - 0.5 * n as f64) / n as f64);
+///         p.push("w", ramp(self.h, k));
+///         p.push("b", ArrayD::zeros(IxDyn(&[self.h])));
+///         p.push("v", ramp(self.h, 0.5).reversed_axes());
+///         p
+///     }
+///     fn forward(&self, t: &mut Tape<f64>, p: &[Var], x: Var, _ctx: &mut Ctx<'_, f64>) -> Var {
+///         let z = t.matmul(x, p[0]);
+///         let z = t.add(z, p[1]);
+///         let a = t.tanh(z);
+///         t.matmul(a, p[2])
+///     }
+///     fn head(&self) -> Vec<usize> {
+///         vec![2]
+///     }
+/// }
+///
+/// let points = |n: usize, phase: f64| {
+///     let x = ArrayD::from_shape_fn(IxDyn(&[n, 1]), |i| i[0] as f64 / n as f64 - 0.5);
+///     let y = x.mapv(|x| (3.0 * x + phase).sin());
+///     (x, Targets::Values(y))
+/// };
+/// let tasks: Vec<Task<f64>> = (0..4)
+///     .map(|i| {
+///         let (support_x, support_y) = points(5, i as f64);
+///         let (query_x, query_y) = points(7, i as f64);
+///         Task { support_x, support_y, query_x, query_y }
+///     })
+///     .collect();
+/// let mut learner = MetaLearner::new(TanhNet { h: 8 }, MetaConfig::maml(2, 0.1), 0);
+/// let mut opt = Optimizer::adam(1e-2);
+/// let first = learner.meta_step(&tasks, &mut opt)?.loss;
+/// for _ in 0..50 {
+///     learner.meta_step(&tasks, &mut opt)?;
+/// }
+/// assert!(learner.meta_step(&tasks, &mut opt)?.loss < first);
+/// # Ok::<(), metagrad::Error>(())
+/// ```
 pub trait Model<F: Float>: Send + Sync {
     /// Freshly initialised parameters, seeded.
     fn init(&self, seed: u64) -> Params<F>;
-    /// The network's output for input `x`, with parameters `p` in [`Model::init`]'s order.
+    /// The network's output for input `x`, with parameters `p` in [`Model::init`]'s order
+    /// (see the trait's docs for what to do with `ctx`).
     fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, ctx: &mut Ctx<'_, F>) -> Var;
     /// Indices (into the parameters) of the output head, the only part ANIL adapts.
     fn head(&self) -> Vec<usize>;

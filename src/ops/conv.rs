@@ -225,7 +225,7 @@ pub(crate) fn max_pool<F: Float>(
             // Branch-free arg-max (the comparisons are unpredictable) in which NaN wins;
             // with the ReLU, a maximum that is not positive reads nothing.
             let put = |best: usize, v: F, sd: &mut usize, od: &mut F| {
-                let keep = !relu || !(v <= F::zero());
+                let keep = !relu || v > F::zero() || v.is_nan();
                 *sd = if keep { best } else { NONE };
                 *od = if keep { v } else { F::zero() };
             };

@@ -180,7 +180,7 @@ impl<F: Float> Tape<F> {
     pub fn relu(&mut self, a: Var) -> Var {
         let m: Vec<bool> = flat(self.value(a))
             .iter()
-            .map(|&p| !(p <= F::zero()))
+            .map(|&p| p > F::zero() || p.is_nan())
             .collect();
         self.mask(a, m)
     }

@@ -176,26 +176,42 @@ impl<F: Float> Checkpoint<F> {
     }
 
     /// Whether the checkpoint fits `learner`: the same model description, the same
-    /// parameter names and shapes, the same batch-norm layout. `Err` says what differs.
-    pub fn check_matches<M: Model<F> + Debug>(
-        &self,
-        learner: &MetaLearner<F, M>,
-    ) -> std::result::Result<(), String> {
+    /// parameter names and shapes, the same batch-norm layout.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] saying what differs.
+    pub fn check_matches<M: Model<F> + Debug>(&self, learner: &MetaLearner<F, M>) -> Result<()> {
+        self.mismatch(learner).map_or(Ok(()), |message| {
+            Err(Error::Checkpoint {
+                path: self
+                    .origin
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("(checkpoint in memory)")),
+                message,
+            })
+        })
+    }
+
+    /// What differs between the checkpoint and `learner`, if anything.
+    fn mismatch<M: Model<F> + Debug>(&self, learner: &MetaLearner<F, M>) -> Option<String> {
         let here = describe_model(&learner.model);
-        let layout = learner.params.check_same_layout(&self.params);
+        let layout = match learner.params.layout_difference(&self.params) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
         if here != self.model {
             let detail = match layout {
                 Err(e) => format!(" ({e} in the checkpoint)"),
                 Ok(()) => String::new(),
             };
-            return Err(format!(
+            return Some(format!(
                 "the checkpoint is for a different model: it was saved from `{}`, but the \
                  learner is `{here}`{detail}",
                 self.model
             ));
         }
         if let Err(e) = layout {
-            return Err(format!(
+            return Some(format!(
                 "the checkpoint's parameters do not fit the learner: {e} in the checkpoint \
                  (saved with inner rule {:?}, the learner uses {:?})",
                 self.config.rule, learner.config.rule
@@ -209,12 +225,12 @@ impl<F: Float> Checkpoint<F> {
         };
         let (mine, theirs) = (shape(&learner.norm), shape(&self.norm));
         if mine != theirs {
-            return Err(format!(
+            return Some(format!(
                 "the checkpoint's batch-norm statistics have layout {theirs:?} (channels per \
                  layer and step), the learner's {mine:?}"
             ));
         }
-        Ok(())
+        None
     }
 
     /// Puts the checkpoint into `learner` — parameters, running statistics, step and
@@ -229,14 +245,7 @@ impl<F: Float> Checkpoint<F> {
         self,
         learner: &mut MetaLearner<F, M>,
     ) -> Result<(Optimizer<F>, Rng)> {
-        if let Err(message) = self.check_matches(learner) {
-            return Err(Error::Checkpoint {
-                path: self
-                    .origin
-                    .unwrap_or_else(|| PathBuf::from("(checkpoint in memory)")),
-                message,
-            });
-        }
+        self.check_matches(learner)?;
         let parallel_iterations = learner.config.parallel_iterations;
         learner.params = self.params;
         learner.norm = self.norm;

@@ -405,9 +405,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// [`Error::Config`](crate::Error::Config) naming the first name or shape that
     /// differs, or the first parameter that is not finite; the learner is then unchanged.
     pub fn set_params(&mut self, params: Params<F>) -> Result<()> {
-        self.params
-            .check_same_layout(&params)
-            .map_err(Error::Config)?;
+        self.params.check_same_layout(&params)?;
         if let Some(i) = params.tensors().iter().position(|p| !all_finite(p)) {
             return Err(Error::Config(format!(
                 "parameter {} holds a value that is not finite",

@@ -104,24 +104,35 @@ impl<F: Float> Params<F> {
         self.tensors.iter().map(|p| t.constant(p.clone())).collect()
     }
 
-    /// Whether `other` has the same names and shapes; `Err` says the first difference.
-    pub fn check_same_layout(&self, other: &Params<F>) -> Result<(), String> {
+    /// Whether `other` has the same names and shapes.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) saying the first difference.
+    pub fn check_same_layout(&self, other: &Params<F>) -> crate::Result<()> {
+        match self.layout_difference(other) {
+            Some(m) => Err(crate::Error::Config(m)),
+            None => Ok(()),
+        }
+    }
+
+    /// The first difference in names or shapes between `self` and `other`.
+    pub(crate) fn layout_difference(&self, other: &Params<F>) -> Option<String> {
         if self.names != other.names {
-            return Err(format!(
+            return Some(format!(
                 "parameter names differ: expected {:?}, found {:?}",
                 self.names, other.names
             ));
         }
         for ((n, a), b) in self.names.iter().zip(&self.tensors).zip(&other.tensors) {
             if a.shape() != b.shape() {
-                return Err(format!(
+                return Some(format!(
                     "parameter {n} has shape {:?}, expected {:?}",
                     b.shape(),
                     a.shape()
                 ));
             }
         }
-        Ok(())
+        None
     }
 
     /// The same names with every tensor converted to another float type (e.g. to `f64`

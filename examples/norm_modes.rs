@@ -21,26 +21,29 @@
 //! diverge), group norm 36.5% ± 0.9%, TaskNorm-I 70.3% ± 1.0%. The size of the gap depends
 //! on how far training got, so compare runs with the same flags.
 
+mod common;
+
 use clap::Parser;
-use metagrad::data::{omniglot, EpisodeSampler, EpisodeSpec, ImageCollection, Omniglot};
-use metagrad::eval::{confidence_interval, evaluate_episodes, EvalReport};
-use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Task};
+use common::{OmniglotArgs, TEST_SEED};
+use metagrad::data::{EpisodeSampler, ImageCollection};
+use metagrad::eval::{confidence_interval, EvalReport};
+use metagrad::meta::{MetaConfig, MetaLearner, Optimizer};
 use metagrad::nn::{Conv4, NormKind, NormMode};
 use serde_json::json;
 use std::error::Error;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-/// Seed of the test episodes: the same episodes for every model and mode.
-const TEST_SEED: u64 = 20_170_310;
+/// The character split: the omniglot example's default `--split-seed`.
+const SPLIT_SEED: u64 = 0;
 
 #[derive(Parser, Debug)]
 #[command(about = "Transductive vs inductive batch norm, group norm and TaskNorm on Omniglot")]
 struct Args {
-    /// Omniglot folder [default: $METAGRAD_OMNIGLOT, else ../shared/data/omniglot].
-    #[arg(long)]
-    data: Option<PathBuf>,
+    // The data, the task, the inner loop, the evaluation, the seed and the threads: the
+    // flags shared with the omniglot example.
+    #[command(flatten)]
+    setup: OmniglotArgs,
     /// Meta-training steps per model.
     #[arg(long, default_value_t = 300)]
     steps: u64,
@@ -50,39 +53,6 @@ struct Args {
     /// Filters per convolution (64 in MAML).
     #[arg(long, default_value_t = 32)]
     filters: usize,
-    /// Classes per task.
-    #[arg(long, default_value_t = 5)]
-    ways: usize,
-    /// Support examples per class.
-    #[arg(long, default_value_t = 1)]
-    shots: usize,
-    /// Query examples per class.
-    #[arg(long, default_value_t = 15)]
-    queries: usize,
-    /// Inner SGD steps during meta-training.
-    #[arg(long, default_value_t = 1)]
-    inner_steps: usize,
-    /// Inner SGD steps at test time.
-    #[arg(long, default_value_t = 3)]
-    test_steps: usize,
-    /// Inner learning rate.
-    #[arg(long, default_value_t = 0.4)]
-    inner_lr: f64,
-    /// Outer (Adam) learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    outer_lr: f64,
-    /// Groups for the group-norm model.
-    #[arg(long, default_value_t = 4)]
-    groups: usize,
-    /// Test tasks per evaluation.
-    #[arg(long, default_value_t = 600)]
-    eval_tasks: usize,
-    /// Seed of initialisation and training episodes (the same for every model).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
 }
 
 /// One meta-trained model: its learner and what training cost.
@@ -92,29 +62,26 @@ struct Trained {
     final_accuracy: f64,
 }
 
+/// Meta-trains a Conv-4 with `norm` from the same initialisation seed on the same training
+/// episodes as every other model.
 fn train(
     args: &Args,
     name: &str,
     norm: NormKind,
     train: &ImageCollection,
-    spec: EpisodeSpec,
 ) -> Result<Trained, Box<dyn Error>> {
-    let model = Conv4 {
-        filters: args.filters,
-        norm,
-        ..Conv4::omniglot(args.ways)
-    };
-    let config = MetaConfig::maml(args.inner_steps, args.inner_lr);
-    let mut learner = MetaLearner::<f32, _>::new(model, config, args.seed);
-    let mut opt = Optimizer::adam(args.outer_lr);
-    let mut sampler = EpisodeSampler::new(train, spec, args.seed.wrapping_add(1))?;
+    let model = args.setup.conv4(args.filters, norm);
+    let config = MetaConfig::maml(args.setup.inner_steps, args.setup.inner_lr);
+    let mut learner = MetaLearner::<f32, _>::new(model, config, args.setup.seed);
+    let mut opt = Optimizer::adam(args.setup.outer_lr);
+    let mut sampler =
+        EpisodeSampler::new(train, args.setup.spec(), args.setup.seed.wrapping_add(1))?;
     let t0 = Instant::now();
     let every = (args.steps / 10).max(1);
     let mut window = Vec::new();
     let mut final_accuracy = f64::NAN;
     for step in 1..=args.steps {
-        let tasks = Task::<f32>::from_episodes(&sampler.sample_batch(args.meta_batch)?);
-        let stats = learner.meta_step(&tasks, &mut opt)?;
+        let stats = common::train_step(&mut learner, &mut opt, &mut sampler, args.meta_batch)?;
         window.push(stats.accuracy.unwrap_or(f64::NAN));
         if step % every == 0 || step == args.steps {
             final_accuracy = window.iter().sum::<f64>() / window.len() as f64;
@@ -135,60 +102,44 @@ fn train(
     })
 }
 
+/// The test report of a trained model, batch norm in `mode`, and its seconds. Every model
+/// and mode sees the same test episodes.
 fn evaluate(
     args: &Args,
     trained: &Trained,
     test: &ImageCollection,
-    spec: EpisodeSpec,
     mode: NormMode,
 ) -> Result<(EvalReport, f64), Box<dyn Error>> {
     let t0 = Instant::now();
-    // A fresh sampler with the fixed seed: every model and mode sees identical episodes.
-    let mut sampler = EpisodeSampler::new(test, spec, TEST_SEED)?;
-    let report = evaluate_episodes(
-        &trained.learner,
-        &mut sampler,
-        args.eval_tasks,
-        args.test_steps,
-        mode,
-        usize::MAX,
-    )?;
+    let report = args.setup.test_report(&trained.learner, test, mode)?;
     Ok((report, t0.elapsed().as_secs_f64()))
 }
 
-fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
+fn run(args: &Args) -> Result<(), Box<dyn Error>> {
+    let data = args.setup.data_folder()?;
     let start = Instant::now();
-    if args.eval_tasks < 2 || args.steps == 0 || args.meta_batch == 0 {
+    if args.setup.eval_tasks < 2 || args.steps == 0 || args.meta_batch == 0 {
         return Err("need --eval-tasks >= 2, --steps >= 1 and --meta-batch >= 1".into());
     }
-    if args.groups == 0 || !args.filters.is_multiple_of(args.groups) {
-        return Err(format!(
-            "--groups {} must divide --filters {}",
-            args.groups, args.filters
-        )
-        .into());
-    }
-    let omniglot = Omniglot::load(data)?;
-    let splits = omniglot.split_maml(0, 100)?;
-    let train_set = splits.train.with_rotations()?;
-    let test_set = splits.test;
-    let spec = EpisodeSpec::new(args.ways, args.shots, args.queries);
+    args.setup.check_groups(args.filters)?;
+    let split = common::load_maml_split(&data, SPLIT_SEED)?;
+    let (train_set, test_set) = (split.train, split.test);
     println!(
         "Omniglot {}-way {}-shot ({} queries/class): Conv-4 with {} filters, second-order MAML, \
          {} inner step(s) of lr {} (test: {}), Adam lr {}, {} meta-steps of {} tasks per \
          model, seed {}; {} test tasks (seed {TEST_SEED}, identical for every row); {} thread(s)",
-        args.ways,
-        args.shots,
-        args.queries,
+        args.setup.ways,
+        args.setup.shots,
+        args.setup.queries,
         args.filters,
-        args.inner_steps,
-        args.inner_lr,
-        args.test_steps,
-        args.outer_lr,
+        args.setup.inner_steps,
+        args.setup.inner_lr,
+        args.setup.test_steps,
+        args.setup.outer_lr,
         args.steps,
         args.meta_batch,
-        args.seed,
-        args.eval_tasks,
+        args.setup.seed,
+        args.setup.eval_tasks,
         rayon::current_num_threads()
     );
 
@@ -201,10 +152,9 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         "batch norm",
         NormKind::Batch { per_step: None },
         &train_set,
-        spec,
     )?;
-    let (trans, trans_s) = evaluate(args, &bn, &test_set, spec, NormMode::Transductive)?;
-    let (ind, ind_s) = evaluate(args, &bn, &test_set, spec, NormMode::Inductive)?;
+    let (trans, trans_s) = evaluate(args, &bn, &test_set, NormMode::Transductive)?;
+    let (ind, ind_s) = evaluate(args, &bn, &test_set, NormMode::Inductive)?;
     trained_info.push(("batch", bn.seconds, bn.final_accuracy));
     rows.push((
         "batch norm".into(),
@@ -223,19 +173,19 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
 
     let others = [
         (
-            format!("group norm ({} groups)", args.groups),
+            format!("group norm ({} groups)", args.setup.groups),
             "group",
             NormKind::Group {
-                groups: args.groups,
+                groups: args.setup.groups,
             },
         ),
         ("TaskNorm-I".to_string(), "tasknorm", NormKind::TaskNorm),
     ];
     for (name, key, kind) in others {
         eprintln!("meta-training with {name} ...");
-        let m = train(args, &name, kind, &train_set, spec)?;
+        let m = train(args, &name, kind, &train_set)?;
         // The mode is irrelevant without batch norm; inductive is stated for clarity.
-        let (r, s) = evaluate(args, &m, &test_set, spec, NormMode::Inductive)?;
+        let (r, s) = evaluate(args, &m, &test_set, NormMode::Inductive)?;
         trained_info.push((key, m.seconds, m.final_accuracy));
         rows.push((
             name,
@@ -309,17 +259,17 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         .collect();
     let result = json!({
         "example": "norm_modes",
-        "ways": args.ways,
-        "shots": args.shots,
-        "queries": args.queries,
+        "ways": args.setup.ways,
+        "shots": args.setup.shots,
+        "queries": args.setup.queries,
         "filters": args.filters,
         "meta_steps": args.steps,
         "meta_batch": args.meta_batch,
-        "inner_steps": args.inner_steps,
-        "test_steps": args.test_steps,
-        "inner_lr": args.inner_lr,
-        "outer_lr": args.outer_lr,
-        "seed": args.seed,
+        "inner_steps": args.setup.inner_steps,
+        "test_steps": args.setup.test_steps,
+        "inner_lr": args.setup.inner_lr,
+        "outer_lr": args.setup.outer_lr,
+        "seed": args.setup.seed,
         "test_seed": TEST_SEED,
         "threads": rayon::current_num_threads(),
         "rows": json_rows,
@@ -333,36 +283,5 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.threads > 0 {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(args.threads)
-            .build_global()
-        {
-            eprintln!(
-                "error: cannot build a pool of {} threads: {e}",
-                args.threads
-            );
-            return ExitCode::FAILURE;
-        }
-    }
-    let Some(data) = args.data.clone().or_else(omniglot::default_path) else {
-        eprintln!(
-            "error: no Omniglot data. Download python/images_background.zip and \
-             python/images_evaluation.zip from https://github.com/brendenlake/omniglot into a \
-             folder (unzipping is optional), then pass --data FOLDER or set {}=FOLDER \
-             (default when present: ../shared/data/omniglot).",
-            omniglot::ENV_VAR
-        );
-        return ExitCode::from(2);
-    };
-    match run(&args, &data) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            if let Some(metagrad::Error::NotFound { .. }) = e.downcast_ref::<metagrad::Error>() {
-                return ExitCode::from(2);
-            }
-            ExitCode::FAILURE
-        }
-    }
+    common::main(args.setup.threads, || run(&args))
 }

@@ -37,25 +37,21 @@
 //! `--save-every` steps and at the end, and `--resume` continues from it bit for bit.
 //! Ends with one line `RESULT {json}`.
 
+mod common;
+
 use clap::{Parser, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
+use common::{OmniglotArgs, TEST_SEED};
 use metagrad::checkpoint::Checkpoint;
-use metagrad::data::{omniglot, rng_from_seed, EpisodeSampler, EpisodeSpec, Omniglot};
-use metagrad::eval::evaluate_episodes;
-use metagrad::meta::{MetaConfig, MetaLearner, NonFinite, Optimizer, Order, Task};
+use metagrad::data::{rng_from_seed, EpisodeSampler};
+use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order};
 use metagrad::nn::{Conv4, NormKind, NormMode};
 use plotters::prelude::*;
 use serde_json::json;
 use std::error::Error;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-/// Seed of the test episodes: fixed, independent of `--seed`, so runs are comparable.
-const TEST_SEED: u64 = 20_170_310;
-/// Validation characters held out of the 1200 meta-training characters (MAML split).
-const VALIDATION: usize = 100;
 /// Name of the checkpoint file inside `--checkpoint-dir`.
 const CHECKPOINT_FILE: &str = "checkpoint.json";
 
@@ -86,30 +82,10 @@ enum EvalMode {
 #[derive(Parser, Debug)]
 #[command(about = "MAML on Omniglot: meta-train a Conv-4, then evaluate on 600 test tasks")]
 struct Args {
-    /// Omniglot folder [default: $METAGRAD_OMNIGLOT, else ../shared/data/omniglot].
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Classes per task (N).
-    #[arg(long, default_value_t = 5)]
-    ways: usize,
-    /// Support examples per class (K).
-    #[arg(long, default_value_t = 1)]
-    shots: usize,
-    /// Query examples per class.
-    #[arg(long, default_value_t = 15)]
-    queries: usize,
-    /// Inner SGD steps during meta-training.
-    #[arg(long, default_value_t = 1)]
-    inner_steps: usize,
-    /// Inner SGD steps at test time.
-    #[arg(long, default_value_t = 3)]
-    test_steps: usize,
-    /// Inner learning rate α.
-    #[arg(long, default_value_t = 0.4)]
-    inner_lr: f64,
-    /// Outer (Adam) learning rate β.
-    #[arg(long, default_value_t = 1e-3)]
-    outer_lr: f64,
+    // The data, the task, the inner loop, the evaluation, the seed and the threads: the
+    // flags shared with the norm_modes example.
+    #[command(flatten)]
+    setup: OmniglotArgs,
     /// Tasks per meta-batch.
     #[arg(long, default_value_t = 32)]
     meta_batch: usize,
@@ -122,18 +98,12 @@ struct Args {
     /// Normalisation in each Conv-4 block.
     #[arg(long, value_enum, default_value_t = Norm::Batch)]
     norm: Norm,
-    /// Groups for `--norm group`.
-    #[arg(long, default_value_t = 4)]
-    groups: usize,
     /// Filters per convolution (64 in MAML; smaller for smoke runs).
     #[arg(long, default_value_t = 64)]
     filters: usize,
     /// How batch norm normalises at test time.
     #[arg(long, value_enum, default_value_t = EvalMode::Both)]
     eval_mode: EvalMode,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
     /// Save checkpoints here (atomically) every --save-every steps and at the end.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
@@ -143,16 +113,10 @@ struct Args {
     /// Continue from the checkpoint in --checkpoint-dir.
     #[arg(long, requires = "checkpoint_dir")]
     resume: bool,
-    /// Test tasks of the evaluation protocol.
-    #[arg(long, default_value_t = 600)]
-    eval_tasks: usize,
     /// Skip (and count) meta-steps whose loss or update is not finite, instead of
     /// stopping with an error; nothing non-finite reaches the parameters either way.
     #[arg(long)]
     skip_non_finite: bool,
-    /// Seed of initialisation and training episodes.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Seed of the character split (keeps the test classes fixed across --seed).
     #[arg(long, default_value_t = 0)]
     split_seed: u64,
@@ -178,10 +142,8 @@ fn write_csv(path: &Path, curve: &[Point]) -> std::io::Result<()> {
             p.step, p.loss, p.accuracy, p.seconds
         ));
     }
-    // Temporary file + rename, like the checkpoint, so the curve is never half written.
-    let tmp = path.with_extension("csv.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    // Like the checkpoint, never half written.
+    common::write_replace(path, &text)
 }
 
 /// Reads a curve written by [`write_csv`], keeping the steps up to `up_to`.
@@ -262,13 +224,7 @@ fn plot(path: &Path, curve: &[Point], title: &str) -> Result<(), Box<dyn Error>>
             ))?
             .label(format!("moving average ({window} steps)"))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 11))
-            .draw()?;
+        common::legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
     root.present()?;
     Ok(())
@@ -278,7 +234,7 @@ fn norm_kind(args: &Args) -> NormKind {
     match args.norm {
         Norm::Batch => NormKind::Batch { per_step: None },
         Norm::Group => NormKind::Group {
-            groups: args.groups,
+            groups: args.setup.groups,
         },
         Norm::Layer => NormKind::Layer,
         Norm::Instance => NormKind::Instance,
@@ -286,56 +242,47 @@ fn norm_kind(args: &Args) -> NormKind {
     }
 }
 
-fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
+fn run(args: &Args) -> Result<(), Box<dyn Error>> {
+    let data = args.setup.data_folder()?;
     let start = Instant::now();
-    if args.ways == 0 || args.shots == 0 || args.meta_batch == 0 || args.eval_tasks < 2 {
+    if args.setup.ways == 0
+        || args.setup.shots == 0
+        || args.meta_batch == 0
+        || args.setup.eval_tasks < 2
+    {
         return Err("need --ways, --shots, --meta-batch >= 1 and --eval-tasks >= 2".into());
     }
-    if args.norm == Norm::Group && (args.groups == 0 || !args.filters.is_multiple_of(args.groups)) {
-        return Err(format!(
-            "--groups {} must divide --filters {}",
-            args.groups, args.filters
-        )
-        .into());
+    if args.norm == Norm::Group {
+        args.setup.check_groups(args.filters)?;
     }
     let t0 = Instant::now();
-    let omniglot = Omniglot::load(data)?;
-    let splits = omniglot.split_maml(args.split_seed, VALIDATION)?;
-    let train = splits.train.with_rotations()?;
-    let test = splits.test;
+    let split = common::load_maml_split(&data, args.split_seed)?;
+    let (train, test) = (split.train, split.test);
     eprintln!(
         "loaded {} characters ({} images) from {} in {:.1}s; meta-train {} classes \
          (1100 characters x 4 rotations), test {} characters",
-        omniglot.num_characters(),
-        omniglot.num_images(),
+        split.characters,
+        split.images,
         data.display(),
         t0.elapsed().as_secs_f64(),
         train.num_classes(),
         test.num_classes()
     );
 
-    let spec = EpisodeSpec::new(args.ways, args.shots, args.queries);
-    let model = Conv4 {
-        filters: args.filters,
-        norm: norm_kind(args),
-        ..Conv4::omniglot(args.ways)
-    };
+    let spec = args.setup.spec();
+    let model = args.setup.conv4(args.filters, norm_kind(args));
     let order = if args.first_order {
         Order::First
     } else {
         Order::Second
     };
-    let policy = if args.skip_non_finite {
-        NonFinite::Skip
-    } else {
-        NonFinite::Error
-    };
-    let config = MetaConfig::maml(args.inner_steps, args.inner_lr)
+    let policy = common::non_finite(args.skip_non_finite);
+    let config = MetaConfig::maml(args.setup.inner_steps, args.setup.inner_lr)
         .with_order(order)
         .with_non_finite(policy);
-    let mut learner = MetaLearner::<f32, _>::new(model, config.clone(), args.seed);
-    let mut opt = Optimizer::adam(args.outer_lr);
-    let mut rng = rng_from_seed(args.seed.wrapping_add(1));
+    let mut learner = MetaLearner::<f32, _>::new(model, config.clone(), args.setup.seed);
+    let mut opt = Optimizer::adam(args.setup.outer_lr);
+    let mut rng = rng_from_seed(args.setup.seed.wrapping_add(1));
     let eval_modes = match args.eval_mode {
         EvalMode::Inductive => vec![NormMode::Inductive],
         EvalMode::Transductive => vec![NormMode::Transductive],
@@ -358,11 +305,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         .as_ref()
         .filter(|p| !args.resume && p.exists())
     {
-        eprintln!(
-            "note: {} exists and will be overwritten by this new run (pass --resume to \
-             continue it instead)",
-            path.display()
-        );
+        common::note_overwrite(path);
     }
     if args.resume {
         let path = checkpoint_path
@@ -378,7 +321,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
             );
         }
         let (o, r) = checkpoint.restore(&mut learner)?;
-        if o.lr != args.outer_lr {
+        if o.lr != args.setup.outer_lr {
             eprintln!(
                 "note: continuing with the checkpoint's outer learning rate {}",
                 o.lr
@@ -400,19 +343,19 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         "MAML on Omniglot: {}-way {}-shot ({} queries/class), Conv-4 ({} filters, {:?} norm, \
          {n_params} parameters), {} order, {} inner step(s) of lr {} (test: {} steps), Adam lr \
          {}, meta-batch {}, {} meta-steps, seed {}, {} thread(s)",
-        args.ways,
-        args.shots,
-        args.queries,
+        args.setup.ways,
+        args.setup.shots,
+        args.setup.queries,
         args.filters,
         args.norm,
         if args.first_order { "first" } else { "second" },
         learner.config.inner_steps,
         learner.config.inner_lr,
-        args.test_steps,
+        args.setup.test_steps,
         opt.lr,
         args.meta_batch,
         args.steps,
-        args.seed,
+        args.setup.seed,
         rayon::current_num_threads()
     );
     if has_bn {
@@ -432,16 +375,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
     let first = learner.meta_batches();
     let total = args.steps.max(first);
     let report_every = (total / 20).max(1);
-    let bar = if std::io::stderr().is_terminal() && first < total {
-        let bar = ProgressBar::new(total).with_style(
-            ProgressStyle::default_bar()
-                .template("meta-train [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta}) {msg}")?,
-        );
-        bar.set_position(first);
-        Some(bar)
-    } else {
-        None
-    };
+    let bar = common::progress_bar("meta-train".into(), first, total)?;
     let seconds_before = curve.last().map_or(0.0, |p: &Point| p.seconds);
     let t_train = Instant::now();
     let mut window = (0.0, 0.0, 0usize);
@@ -457,8 +391,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         Ok(())
     };
     for step in first + 1..=total {
-        let tasks = Task::<f32>::from_episodes(&sampler.sample_batch(args.meta_batch)?);
-        let stats = learner.meta_step(&tasks, &mut opt)?;
+        let stats = common::train_step(&mut learner, &mut opt, &mut sampler, args.meta_batch)?;
         let accuracy = stats.accuracy.unwrap_or(f64::NAN);
         curve.push(Point {
             step,
@@ -472,10 +405,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
                  far)",
                 learner.skipped_steps
             );
-            match &bar {
-                Some(bar) => bar.println(message),
-                None => eprintln!("{message}"),
-            }
+            common::say(bar.as_ref(), message);
         } else {
             window.0 += stats.loss;
             window.1 += accuracy;
@@ -500,11 +430,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         }
         if checkpoint_path.is_some() && step % args.save_every.max(1) == 0 && step < total {
             save(&learner, &opt, &sampler, &curve)?;
-            if let Some(bar) = &bar {
-                bar.println(format!("checkpoint saved at step {step}"));
-            } else {
-                eprintln!("checkpoint saved at step {step}");
-            }
+            common::say(bar.as_ref(), format!("checkpoint saved at step {step}"));
         }
     }
     if let Some(bar) = bar {
@@ -526,7 +452,10 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
             1e3 * train_s / trained_now as f64
         );
     }
-    let title = format!("MAML Omniglot {}-way {}-shot", args.ways, args.shots);
+    let title = format!(
+        "MAML Omniglot {}-way {}-shot",
+        args.setup.ways, args.setup.shots
+    );
     if !curve.is_empty() {
         plot(&svg_path, &curve, &title)?;
     }
@@ -539,15 +468,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         .take(if has_bn { eval_modes.len() } else { 1 })
     {
         // The same test episodes for every mode.
-        let mut test_sampler = EpisodeSampler::new(&test, spec, TEST_SEED)?;
-        reports.push(evaluate_episodes(
-            &learner,
-            &mut test_sampler,
-            args.eval_tasks,
-            args.test_steps,
-            mode,
-            usize::MAX,
-        )?);
+        reports.push(args.setup.test_report(&learner, &test, mode)?);
     }
     let report = &reports[0];
     let eval_s = t_eval.elapsed().as_secs_f64();
@@ -555,14 +476,14 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
     for r in &reports {
         println!(
             "test accuracy, {}-way {}-shot, {} meta-steps: {r}",
-            args.ways, args.shots, learner.step
+            args.setup.ways, args.setup.shots, learner.step
         );
     }
     println!(
         "  (mean query accuracy over {} test tasks of {} queries each, ± 1.96 x sample std / \
          sqrt(tasks); evaluated in {eval_s:.1}s)",
         report.tasks,
-        args.ways * args.queries
+        args.setup.ways * args.setup.queries
     );
     println!(
         "Reference (Finn et al. 2017, Table 1): MAML 5-way 1-shot 98.7 ± 0.4%, 5-shot 99.9 ± \
@@ -579,9 +500,9 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
     let result = json!({
         "example": "omniglot",
         "method": if args.first_order { "fomaml" } else { "maml-second-order" },
-        "ways": args.ways,
-        "shots": args.shots,
-        "queries": args.queries,
+        "ways": args.setup.ways,
+        "shots": args.setup.shots,
+        "queries": args.setup.queries,
         "norm": format!("{:?}", args.norm).to_lowercase(),
         "filters": args.filters,
         "meta_steps": learner.step,
@@ -590,7 +511,7 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
         "inner_steps": learner.config.inner_steps,
         "inner_lr": learner.config.inner_lr,
         "outer_lr": opt.lr,
-        "seed": args.seed,
+        "seed": args.setup.seed,
         "split_seed": args.split_seed,
         "threads": rayon::current_num_threads(),
         "resumed": args.resume,
@@ -624,37 +545,5 @@ fn run(args: &Args, data: &Path) -> Result<(), Box<dyn Error>> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.threads > 0 {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(args.threads)
-            .build_global()
-        {
-            eprintln!(
-                "error: cannot build a pool of {} threads: {e}",
-                args.threads
-            );
-            return ExitCode::FAILURE;
-        }
-    }
-    let Some(data) = args.data.clone().or_else(omniglot::default_path) else {
-        eprintln!(
-            "error: no Omniglot data. Download python/images_background.zip and \
-             python/images_evaluation.zip from https://github.com/brendenlake/omniglot into a \
-             folder (unzipping is optional), then pass --data FOLDER or set {}=FOLDER \
-             (default when present: ../shared/data/omniglot).",
-            omniglot::ENV_VAR
-        );
-        return ExitCode::from(2);
-    };
-    match run(&args, &data) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            // Missing data or a missing checkpoint to resume (the message says which).
-            if let Some(metagrad::Error::NotFound { .. }) = e.downcast_ref::<metagrad::Error>() {
-                return ExitCode::from(2);
-            }
-            ExitCode::FAILURE
-        }
-    }
+    common::main(args.setup.threads, || run(&args))
 }

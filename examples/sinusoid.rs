@@ -28,12 +28,14 @@
 //! only evaluated): the trained models, their test results and training curves are
 //! bitwise those of a run that was never interrupted.
 
+mod common;
+
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 use metagrad::checkpoint::Checkpoint;
 use metagrad::data::{SinusoidBatch, SinusoidSampler};
+use metagrad::eval::confidence_interval;
 use metagrad::map_fn::map_tasks;
-use metagrad::meta::{adapt, InnerRule, MetaConfig, MetaLearner, NonFinite, Optimizer, Task};
+use metagrad::meta::{adapt, InnerRule, MetaConfig, MetaLearner, Optimizer, Task};
 use metagrad::nn::{Ctx, Mlp, Model, NormMode};
 use metagrad::Tape;
 use ndarray::ArrayD;
@@ -41,7 +43,6 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::error::Error;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -105,8 +106,9 @@ struct Args {
 
 type Learner = MetaLearner<f32, Mlp>;
 
-/// Test MSE after some inner steps: mean ± 95% CI and median over the tasks, and how
-/// many tasks' adaptation diverged (non-finite MSE; left out of the mean, not the median).
+/// Test MSE after some inner steps: mean ± 95% CI (the evaluation protocol's
+/// [`confidence_interval`]) and median over the tasks, and how many tasks' adaptation
+/// diverged (non-finite MSE; left out of the mean, not the median).
 #[derive(Debug, Clone, Copy)]
 struct Stat {
     mean: f64,
@@ -117,7 +119,7 @@ struct Stat {
 
 fn stat(losses: &[f64]) -> Stat {
     let finite: Vec<f64> = losses.iter().copied().filter(|v| v.is_finite()).collect();
-    let (mean, ci) = mean_ci(&finite);
+    let (mean, ci) = confidence_interval(&finite);
     let mut sorted = losses.to_vec();
     sorted.sort_by(|a, b| a.total_cmp(b));
     Stat {
@@ -126,14 +128,6 @@ fn stat(losses: &[f64]) -> Stat {
         median: sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
         diverged: losses.len() - finite.len(),
     }
-}
-
-/// Mean and half-width of the 95% confidence interval (normal approximation).
-fn mean_ci(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, 1.96 * (var / n).sqrt())
 }
 
 /// The training curve of one model so far, saved beside its checkpoint so that a resumed
@@ -168,13 +162,6 @@ impl CheckpointFiles {
     }
 }
 
-/// Writes `text` to `path` through a temporary file and a rename.
-fn write_replace(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
-}
-
 /// One meta-trained model: the learner, its training curve (means of the post-update
 /// query MSE), and the meta-step its training started from in this run.
 struct Trained {
@@ -192,11 +179,7 @@ fn train(
     k: usize,
     files: Option<&CheckpointFiles>,
 ) -> Result<Trained, Box<dyn Error>> {
-    let policy = if args.skip_non_finite {
-        NonFinite::Skip
-    } else {
-        NonFinite::Error
-    };
+    let policy = common::non_finite(args.skip_non_finite);
     let config = MetaConfig::maml(TRAIN_INNER_STEPS, INNER_LR).with_non_finite(policy);
     let mut learner = Learner::new(Mlp::sinusoid(), config.clone(), args.seed);
     let mut opt = Optimizer::adam(META_LR);
@@ -254,11 +237,7 @@ fn train(
                 files.checkpoint.display()
             );
         } else if files.checkpoint.exists() {
-            eprintln!(
-                "note: {} exists and will be overwritten by this new run (pass --resume to \
-                 continue it instead)",
-                files.checkpoint.display()
-            );
+            common::note_overwrite(&files.checkpoint);
         }
     }
 
@@ -266,17 +245,7 @@ fn train(
     let first = learner.meta_batches();
     let total = steps.max(first);
     let report_every = (total / 20).max(1);
-    let bar = if std::io::stderr().is_terminal() && first < total {
-        let bar = ProgressBar::new(total).with_style(
-            ProgressStyle::default_bar()
-                .template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta}) {msg}")?,
-        );
-        bar.set_prefix(format!("meta-train K={k}"));
-        bar.set_position(first);
-        Some(bar)
-    } else {
-        None
-    };
+    let bar = common::progress_bar(format!("meta-train K={k}"), first, total)?;
     let save = |learner: &Learner,
                 opt: &Optimizer<f32>,
                 sampler: &SinusoidSampler,
@@ -293,7 +262,7 @@ fn train(
             window_sum_bits: window.0.to_bits(),
             window_len: window.1,
         };
-        write_replace(&files.progress, &serde_json::to_string(&progress)?)?;
+        common::write_replace(&files.progress, &serde_json::to_string(&progress)?)?;
         Checkpoint::capture(learner, opt, sampler.rng()).save(&files.checkpoint)?;
         Ok(())
     };
@@ -308,10 +277,7 @@ fn train(
                  ({} skipped so far)",
                 learner.skipped_steps
             );
-            match &bar {
-                Some(bar) => bar.println(message),
-                None => eprintln!("{message}"),
-            }
+            common::say(bar.as_ref(), message);
         } else {
             window.0 += stats.loss;
             window.1 += 1;
@@ -338,10 +304,7 @@ fn train(
         if files.is_some() && step % args.save_every.max(1) == 0 && step < total {
             save(&learner, &opt, &sampler, &curve, window)?;
             let message = format!("meta-train K={k}: checkpoint saved at step {step}");
-            match &bar {
-                Some(bar) => bar.println(message),
-                None => eprintln!("{message}"),
-            }
+            common::say(bar.as_ref(), message);
         }
     }
     if let Some(bar) = bar {
@@ -505,13 +468,7 @@ fn plot(
                 .label(format!("{k} support points"))
                 .legend(|(x, y)| TriangleMarker::new((x + 8, y), 5, MAGENTA.filled()));
             if c == 0 {
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::LowerLeft)
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .label_font(("sans-serif", 11))
-                    .draw()?;
+                common::legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
             }
         }
     }
@@ -520,26 +477,12 @@ fn plot(
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            // A missing checkpoint to resume (the message says where it was looked for).
-            if let Some(metagrad::Error::NotFound { .. }) = e.downcast_ref::<metagrad::Error>() {
-                return ExitCode::from(2);
-            }
-            ExitCode::FAILURE
-        }
-    }
+    let args = Args::parse();
+    common::main(args.threads, || run(args))
 }
 
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let start = Instant::now();
-    if args.threads > 0 {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(args.threads)
-            .build_global()?;
-    }
     let steps = args.steps.unwrap_or(if args.quick { 300 } else { 70_000 });
     let n_test = args
         .test_tasks

@@ -1,0 +1,294 @@
+//! The harness the examples share, so that each example file holds only its own story.
+//!
+//! - Running: [`main`] builds the thread pool, runs the example and turns the outcome into
+//!   the exit code.
+//! - The Omniglot examples (`omniglot`, `norm_modes`): the flags they both take
+//!   ([`OmniglotArgs`]), finding and splitting the data, the Conv-4, one meta-training step
+//!   and the report on the fixed test episodes.
+//! - Long runs (`omniglot`, `sinusoid`): the non-finite policy, the progress bar and the
+//!   lines printed above it, atomic writes, the legend of the plots.
+//!
+//! Not an example: Cargo builds `examples/*.rs` and `examples/*/main.rs`, and this folder
+//! has no `main.rs`. Each example includes it with `mod common;`.
+
+// Every example uses only part of this module.
+#![allow(dead_code)]
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use metagrad::data::{omniglot, EpisodeSampler, EpisodeSpec, ImageCollection, Omniglot};
+use metagrad::eval::{evaluate_episodes, EvalReport};
+use metagrad::meta::{MetaLearner, NonFinite, Optimizer, StepStats, Task};
+use metagrad::nn::{Conv4, NormKind, NormMode};
+use plotters::coord::CoordTranslate;
+use plotters::prelude::*;
+use std::error::Error;
+use std::fmt;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+// ---- running an example ----
+
+/// Runs an example: builds the global thread pool (`threads` = 0: one thread per core),
+/// then `run`, and exits with 0 on success; with 2, after printing the error, when an input
+/// is missing (no Omniglot data, or a path that does not exist: the data or a checkpoint to
+/// resume); with 1 after any other error.
+pub fn main(threads: usize, run: impl FnOnce() -> Result<(), Box<dyn Error>>) -> ExitCode {
+    if threads > 0 {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+        {
+            eprintln!("error: cannot build a pool of {threads} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let not_found = matches!(
+                e.downcast_ref::<metagrad::Error>(),
+                Some(metagrad::Error::NotFound { .. })
+            );
+            if not_found || e.is::<NoOmniglot>() {
+                return ExitCode::from(2);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---- the Omniglot examples ----
+
+/// Seed of the test episodes: fixed, independent of `--seed`, so that runs, models and
+/// batch-norm modes are scored on the same episodes.
+pub const TEST_SEED: u64 = 20_170_310;
+/// Validation characters held out of the 1200 meta-training characters (MAML split).
+const VALIDATION: usize = 100;
+
+/// The flags both Omniglot examples take: the data, the task, the inner loop, the outer
+/// rate, the evaluation, the seed and the threads. Each example adds its budget
+/// (`--steps`, `--meta-batch`, `--filters`) and its own flags.
+#[derive(Args, Debug)]
+pub struct OmniglotArgs {
+    /// Omniglot folder [default: $METAGRAD_OMNIGLOT, else ../shared/data/omniglot].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Classes per task (N).
+    #[arg(long, default_value_t = 5)]
+    pub ways: usize,
+    /// Support examples per class (K).
+    #[arg(long, default_value_t = 1)]
+    pub shots: usize,
+    /// Query examples per class.
+    #[arg(long, default_value_t = 15)]
+    pub queries: usize,
+    /// Inner SGD steps during meta-training.
+    #[arg(long, default_value_t = 1)]
+    pub inner_steps: usize,
+    /// Inner SGD steps at test time.
+    #[arg(long, default_value_t = 3)]
+    pub test_steps: usize,
+    /// Inner learning rate α.
+    #[arg(long, default_value_t = 0.4)]
+    pub inner_lr: f64,
+    /// Outer (Adam) learning rate β.
+    #[arg(long, default_value_t = 1e-3)]
+    pub outer_lr: f64,
+    /// Groups of each group-norm layer.
+    #[arg(long, default_value_t = 4)]
+    pub groups: usize,
+    /// Test tasks per evaluation.
+    #[arg(long, default_value_t = 600)]
+    pub eval_tasks: usize,
+    /// Seed of initialisation and training episodes.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Omniglot split as in MAML, ready for episodes.
+pub struct MamlSplit {
+    /// Meta-training classes: 1100 characters × 4 rotations.
+    pub train: ImageCollection,
+    /// Test classes: the other 423 characters.
+    pub test: ImageCollection,
+    /// Characters loaded (1623).
+    pub characters: usize,
+    /// Images loaded.
+    pub images: usize,
+}
+
+impl OmniglotArgs {
+    /// The Omniglot folder: `--data`, else `$METAGRAD_OMNIGLOT`, else
+    /// `../shared/data/omniglot` when it exists; an error (exit code 2) when none is given.
+    pub fn data_folder(&self) -> Result<PathBuf, NoOmniglot> {
+        self.data
+            .clone()
+            .or_else(omniglot::default_path)
+            .ok_or(NoOmniglot)
+    }
+
+    /// `--groups` must divide the filters, whenever a group norm is trained.
+    pub fn check_groups(&self, filters: usize) -> Result<(), Box<dyn Error>> {
+        if self.groups == 0 || !filters.is_multiple_of(self.groups) {
+            return Err(format!("--groups {} must divide --filters {filters}", self.groups).into());
+        }
+        Ok(())
+    }
+
+    /// `--ways`-way `--shots`-shot episodes with `--queries` queries per class.
+    pub fn spec(&self) -> EpisodeSpec {
+        EpisodeSpec::new(self.ways, self.shots, self.queries)
+    }
+
+    /// MAML's Conv-4 for `--ways` classes, with `filters` filters and `norm` in each block.
+    pub fn conv4(&self, filters: usize, norm: NormKind) -> Conv4 {
+        Conv4 {
+            filters,
+            norm,
+            ..Conv4::omniglot(self.ways)
+        }
+    }
+
+    /// The evaluation protocol on the fixed test episodes ([`TEST_SEED`]): `--eval-tasks`
+    /// tasks, each adapted with `--test-steps` inner steps, batch norm in `mode`. A fresh
+    /// sampler each time, so every call sees the same episodes.
+    pub fn test_report(
+        &self,
+        learner: &MetaLearner<f32, Conv4>,
+        test: &ImageCollection,
+        mode: NormMode,
+    ) -> metagrad::Result<EvalReport> {
+        let mut sampler = EpisodeSampler::new(test, self.spec(), TEST_SEED)?;
+        evaluate_episodes(
+            learner,
+            &mut sampler,
+            self.eval_tasks,
+            self.test_steps,
+            mode,
+            usize::MAX,
+        )
+    }
+}
+
+/// Loads Omniglot from `data` and splits its characters as in MAML (shuffled with
+/// `split_seed`; [`VALIDATION`] of the meta-training characters held out and unused); the
+/// meta-training classes are augmented with 90° rotations.
+pub fn load_maml_split(data: &Path, split_seed: u64) -> metagrad::Result<MamlSplit> {
+    let omniglot = Omniglot::load(data)?;
+    let splits = omniglot.split_maml(split_seed, VALIDATION)?;
+    Ok(MamlSplit {
+        train: splits.train.with_rotations()?,
+        test: splits.test,
+        characters: omniglot.num_characters(),
+        images: omniglot.num_images(),
+    })
+}
+
+/// One meta-training step on a meta-batch of `meta_batch` episodes drawn from `sampler`.
+pub fn train_step(
+    learner: &mut MetaLearner<f32, Conv4>,
+    opt: &mut Optimizer<f32>,
+    sampler: &mut EpisodeSampler<'_>,
+    meta_batch: usize,
+) -> metagrad::Result<StepStats> {
+    let tasks = Task::<f32>::from_episodes(&sampler.sample_batch(meta_batch)?);
+    learner.meta_step(&tasks, opt)
+}
+
+/// No Omniglot folder was given or found; says where to get the data.
+#[derive(Debug)]
+pub struct NoOmniglot;
+
+impl fmt::Display for NoOmniglot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no Omniglot data. Download python/images_background.zip and \
+             python/images_evaluation.zip from https://github.com/brendenlake/omniglot into a \
+             folder (unzipping is optional), then pass --data FOLDER or set {}=FOLDER \
+             (default when present: ../shared/data/omniglot).",
+            omniglot::ENV_VAR
+        )
+    }
+}
+
+impl Error for NoOmniglot {}
+
+// ---- long runs ----
+
+/// What a meta-step whose loss or update is not finite does: `--skip-non-finite` skips
+/// (and counts) it; otherwise the run stops with the error. Nothing non-finite reaches the
+/// parameters either way.
+pub fn non_finite(skip: bool) -> NonFinite {
+    if skip {
+        NonFinite::Skip
+    } else {
+        NonFinite::Error
+    }
+}
+
+/// A progress bar for meta-steps `first..total`, labelled `prefix`, when stderr is a
+/// terminal and there is something to do; `None` otherwise (plain lines instead).
+pub fn progress_bar(
+    prefix: String,
+    first: u64,
+    total: u64,
+) -> Result<Option<ProgressBar>, Box<dyn Error>> {
+    if !std::io::stderr().is_terminal() || first >= total {
+        return Ok(None);
+    }
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::default_bar()
+            .template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta}) {msg}")?,
+    );
+    bar.set_prefix(prefix);
+    bar.set_position(first);
+    Ok(Some(bar))
+}
+
+/// Prints a line to stderr, above the progress bar if there is one.
+pub fn say(bar: Option<&ProgressBar>, message: String) {
+    match bar {
+        Some(bar) => bar.println(message),
+        None => eprintln!("{message}"),
+    }
+}
+
+/// Says that a new run will overwrite the checkpoint at `path`.
+pub fn note_overwrite(path: &Path) {
+    eprintln!(
+        "note: {} exists and will be overwritten by this new run (pass --resume to continue \
+         it instead)",
+        path.display()
+    );
+}
+
+/// Writes `text` to `path` through a temporary file (`path` + `.tmp`) and a rename, so
+/// that the file is never half written.
+pub fn write_replace(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Draws the legend of `chart` at `position`, in the examples' style.
+pub fn legend<'a, 'svg: 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'svg>, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), Box<dyn Error>> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 11))
+        .draw()?;
+    Ok(())
+}

@@ -5,12 +5,19 @@
 //! activation forward and fifteen backward, and those passes were a third of a Conv-4
 //! meta-training step; fused, it takes three forward and two backward.
 //!
-//! Its backward rule has two forms with one meaning:
-//! - while the tape is recording (`create_graph = true`, e.g. the inner-loop gradient of
-//!   second-order MAML), it is written with the tape's own ops, recomputing the normalised
-//!   input from `x`, so the gradient can be differentiated again;
-//! - otherwise (the outer backward pass, first-order methods, plain training) it runs as two
-//!   fused loops and returns constants.
+//! Its backward rule has two forms with one meaning, and the backward pass says which one
+//! it wants (the `Form` in `tape/vjp.rs`, where the two calls stand side by side):
+//! - recorded (`batch_norm_vjp_recorded`; `create_graph = true`, e.g. the inner-loop
+//!   gradient of second-order MAML): the input gradient as one differentiable primitive,
+//!   [`Op::BatchNormGrad`], and the other two as sums in tape ops;
+//! - fused (`batch_norm_vjp_fused`; the outer backward pass, first-order methods, plain
+//!   training): two loops over the batch, returning constants.
+//!
+//! `batch_norm_grad`'s own rule has the same two forms: its formula in tape ops (third
+//! order) or fused (the outer backward pass of second-order MAML). Each form takes the
+//! op's payload ([`BatchNorm`], [`BatchNormGrad`]). The input-gradient formula that the
+//! fused rule and the `batch_norm_grad` primitive share is written once (`XHat::input_grad`),
+//! and so is the walk over the pooled map (`pooled_planes`).
 //!
 //! Which statistics to use is the caller's choice, made explicit by
 //! [`crate::nn::norm::batch_norm`] and its [`NormMode`](crate::nn::NormMode); this op is the
@@ -18,20 +25,14 @@
 
 use super::broadcast::sum_slice;
 use super::{flat, from_vec};
-use crate::tape::op::{Gather, NONE};
+/// The statistics a batch norm's forward pass returns; defined with the op that carries
+/// them, in the tape.
+pub use crate::tape::op::BatchStats;
+use crate::tape::op::{BatchNorm, BatchNormGrad, Gather, NONE};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
 use ndarray::{ArrayD, IxDyn};
 use std::sync::Arc;
-
-/// Per-channel statistics saved by the forward pass: mean, then biased variance.
-#[derive(Debug)]
-pub struct BatchStats {
-    /// Per-channel mean.
-    pub mean: Vec<f64>,
-    /// Per-channel biased (divide-by-count) variance.
-    pub var: Vec<f64>,
-}
 
 /// `(N, C, P)`: batch, channels, and elements per channel plane.
 fn ncp(shape: &[usize]) -> (usize, usize, usize) {
@@ -100,6 +101,10 @@ impl<F: Float> Tape<F> {
     /// stored, only the pooled one, and the backward pass reads the pooled gradient
     /// directly. `x` is `[N, C, H, W]`.
     ///
+    /// Named after the ops it fuses (`max_pool2d`, `relu_max_pool2d`); the layer that takes
+    /// a [`NormMode`](crate::nn::NormMode) and calls it is
+    /// [`crate::nn::norm::batch_norm_relu_max_pool`].
+    ///
     /// # Panics
     /// As [`Tape::batch_norm_batch_stats`] and [`Tape::max_pool2d`].
     #[track_caller]
@@ -152,14 +157,14 @@ impl<F: Float> Tape<F> {
             }
         };
         let stats = Arc::new(stats);
-        let op = Op::BatchNorm {
+        let op = Op::BatchNorm(BatchNorm {
             x,
             gamma,
             beta,
             eps,
             stats: stats.clone(),
             pool: map,
-        };
+        });
         (self.push(value, op, &[x, gamma, beta]), stats)
     }
 
@@ -207,96 +212,62 @@ impl<F: Float> Tape<F> {
         (BatchStats { mean, var }, scale, shift)
     }
 
-    /// The backward rule of [`Tape::batch_norm_batch_stats`] (and, with `pool`, of
+    // The backward rule of `Op::BatchNorm`, in its two forms.
+
+    /// The backward rule of [`Tape::batch_norm_batch_stats`] (and, with a pool, of
     /// [`Tape::batch_norm_relu_max_pool2d`], whose upstream gradient `g` is the pooled
-    /// map's): `(dx, dgamma, dbeta)`, each only where `need` says so. See the module docs
-    /// for its two forms.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn batch_norm_vjp(
+    /// map's), recorded: `(dx, dgamma, dbeta)`, each only where `need` says so. `dx` is one
+    /// differentiable [`Op::BatchNormGrad`], `dgamma` and `dbeta` are sums in tape ops.
+    pub(crate) fn batch_norm_vjp_recorded(
         &mut self,
-        x: Var,
-        gamma: Var,
-        eps: f64,
-        stats: &Arc<BatchStats>,
-        pool: Option<&Arc<Gather>>,
+        bn: &BatchNorm,
         g: Var,
         need: [bool; 3],
     ) -> [Option<Var>; 3] {
-        if self.is_recording() {
-            // Recorded: dx as one differentiable primitive, dgamma and dbeta as sums.
-            let g = match pool {
-                Some(map) => self.scatter_add(g, map.clone()),
-                None => g,
-            };
-            let axes = not_channel_axes(self.shape(x).len());
-            let dx = need[0].then(|| self.batch_norm_grad(x, gamma, g, eps, stats.clone()));
-            let dgamma = need[1].then(|| {
-                let c = self.shape(gamma)[0];
-                let ones = self.constant(ArrayD::ones(IxDyn(&[c])));
-                let zeros = self.zeros(&[c]);
-                let xh = self.batch_norm_batch_stats(x, ones, zeros, eps).0;
-                let p = self.mul(g, xh);
-                self.sum_axes(p, &axes, false)
-            });
-            let dbeta = need[2].then(|| self.sum_axes(g, &axes, false));
-            return [dx, dgamma, dbeta];
-        }
-        let shape = self.shape(x).to_vec();
-        let (n, c, p) = ncp(&shape);
-        let p = p.max(1);
-        let (xs, gs) = (flat(self.value(x)), flat(self.value(g)));
-        let gam = flat(self.value(gamma));
-        let cs = ChannelConsts::new(stats, eps, n * p);
-        // Σ g and Σ g·(x − mean) per channel, over the full map or the pooled elements.
-        let (sg, sgx) = match pool {
-            None => sums(xs, gs, &cs.mu, c, p),
-            Some(map) => {
-                let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
-                let q = (gs.len() / (n * c).max(1)).max(1); // pooled elements per plane
-                for (i, (gp, sp)) in gs.chunks_exact(q).zip(map.src.chunks_exact(q)).enumerate() {
-                    let j = i % c;
-                    let (mut a, mut b) = (F::zero(), F::zero());
-                    for (&gv, &si) in gp.iter().zip(sp) {
-                        if si != NONE {
-                            a += gv;
-                            b += gv * (xs[si] - cs.mu[j]);
-                        }
-                    }
-                    sg[j] += a.f64();
-                    sgx[j] += b.f64();
-                }
-                (sg, sgx)
-            }
+        let g = match &bn.pool {
+            Some(map) => self.scatter_add(g, map.clone()),
+            None => g,
         };
+        let axes = not_channel_axes(self.shape(bn.x).len());
         let dx = need[0].then(|| {
-            let (k, e, f) = cs.dx_coefficients(gam, &sg, &sgx);
-            let out = match pool {
-                None => dx_values(xs, gs, &cs.mu, (&k, &e, &f), c, p),
-                Some(map) => {
-                    let mut out = Vec::with_capacity(xs.len());
-                    for (i, xp) in xs.chunks_exact(p).enumerate() {
-                        let j = i % c;
-                        let (ej, fj, mj) = (e[j], f[j], cs.mu[j]);
-                        out.extend(xp.iter().map(|&xv| ej * (xv - mj) + fj));
-                    }
-                    // g is zero but at each window's maximum.
-                    let q = (gs.len() / (n * c).max(1)).max(1);
-                    for (i, (gp, sp)) in gs.chunks_exact(q).zip(map.src.chunks_exact(q)).enumerate()
-                    {
-                        let kj = k[i % c];
-                        for (&gv, &si) in gp.iter().zip(sp) {
-                            if si != NONE {
-                                out[si] += kj * gv;
-                            }
-                        }
-                    }
-                    out
-                }
-            };
-            from_vec(&shape, out)
+            self.batch_norm_grad(BatchNormGrad {
+                x: bn.x,
+                gamma: bn.gamma,
+                g,
+                eps: bn.eps,
+                stats: bn.stats.clone(),
+            })
         });
+        let dgamma = need[1].then(|| {
+            let c = self.shape(bn.gamma)[0];
+            let ones = self.constant(ArrayD::ones(IxDyn(&[c])));
+            let zeros = self.zeros(&[c]);
+            let xh = self.batch_norm_batch_stats(bn.x, ones, zeros, bn.eps).0;
+            let p = self.mul(g, xh);
+            self.sum_axes(p, &axes, false)
+        });
+        let dbeta = need[2].then(|| self.sum_axes(g, &axes, false));
+        [dx, dgamma, dbeta]
+    }
+
+    /// The same rule, fused: per channel `Σg` and `Σg·(x − mean)` in one pass (over the
+    /// pooled gradient's elements with a pool), then `dx` in a second; `dgamma` and `dbeta`
+    /// follow from the sums. Returns constants.
+    pub(crate) fn batch_norm_vjp_fused(
+        &mut self,
+        bn: &BatchNorm,
+        g: Var,
+        need: [bool; 3],
+    ) -> [Option<Var>; 3] {
+        let shape = self.shape(bn.x).to_vec();
+        let (gam, gs) = (flat(self.value(bn.gamma)), flat(self.value(g)));
+        let xh = XHat::new(flat(self.value(bn.x)), &shape, &bn.stats, bn.eps);
+        let pool = bn.pool.as_deref();
+        let (sg, sgx) = xh.sums(gs, pool);
+        let dx = need[0].then(|| from_vec(&shape, xh.input_grad(gam, gs, pool, &sg, &sgx)));
+        let c = xh.c;
         let dgamma =
-            need[1].then(|| from_vec(&[c], (0..c).map(|j| F::c(sgx[j] * cs.inv[j])).collect()));
+            need[1].then(|| from_vec(&[c], (0..c).map(|j| F::c(sgx[j] * xh.inv[j])).collect()));
         let dbeta = need[2].then(|| from_vec(&[c], sg.iter().map(|&s| F::c(s)).collect()));
         [dx, dgamma, dbeta].map(|a| a.map(|a| self.constant(a)))
     }
@@ -306,162 +277,38 @@ impl<F: Float> Tape<F> {
     /// `inv = 1 / sqrt(var + eps)`, for the upstream gradient `g` (shaped like `x`).
     /// Recorded as the backward of a batch norm when a graph is created (the inner loop
     /// of second-order MAML), so that the outer backward pass differentiates one op
-    /// instead of a dozen.
-    fn batch_norm_grad(
-        &mut self,
-        x: Var,
-        gamma: Var,
-        g: Var,
-        eps: f64,
-        stats: Arc<BatchStats>,
-    ) -> Var {
-        let shape = self.shape(x).to_vec();
-        let (n, c, p) = ncp(&shape);
-        let p = p.max(1);
-        let (xs, gs) = (flat(self.value(x)), flat(self.value(g)));
-        let gam = flat(self.value(gamma));
-        let cs = ChannelConsts::new(&stats, eps, n * p);
-        let (sg, sgx) = sums(xs, gs, &cs.mu, c, p);
-        let (k, e, f) = cs.dx_coefficients(gam, &sg, &sgx);
-        let value = from_vec(&shape, dx_values(xs, gs, &cs.mu, (&k, &e, &f), c, p));
-        let op = Op::BatchNormGrad {
-            x,
-            gamma,
-            g,
-            eps,
-            stats,
-        };
-        self.push(value, op, &[x, gamma, g])
+    /// instead of a dozen. Its value is the fused rule's `dx`, computed by the same code.
+    fn batch_norm_grad(&mut self, op: BatchNormGrad) -> Var {
+        let shape = self.shape(op.x).to_vec();
+        let (gam, gs) = (flat(self.value(op.gamma)), flat(self.value(op.g)));
+        let xh = XHat::new(flat(self.value(op.x)), &shape, &op.stats, op.eps);
+        let (sg, sgx) = xh.sums(gs, None);
+        let value = from_vec(&shape, xh.input_grad(gam, gs, None, &sg, &sgx));
+        let ins = [op.x, op.gamma, op.g];
+        self.push(value, Op::BatchNormGrad(op), &ins)
     }
 
-    /// The backward rule of [`Tape::batch_norm_grad`] for the upstream gradient `gy`:
-    /// `(dx, dgamma, dg)`. With `m` elements per channel, `c = mean(g·x̂)`,
-    /// `B = mean(gy·x̂)`, `S = mean(gy)`, `A = mean(gy·g) − mean(g)·S`:
-    ///
-    /// - `dx = γ·inv²·(−c·gy − B·(g − mean(g)) + (3cB − A)·x̂ + c·S)`,
-    /// - `dg = γ·inv·(gy − S − x̂·B)`,
-    /// - `dgamma = m·inv·(A − c·B)`.
-    ///
-    /// Fused when not recording; written with tape ops when recording.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn batch_norm_grad_vjp(
+    // The backward rule of `Op::BatchNormGrad`, in its two forms. With `m` elements per
+    // channel, `c = mean(g·x̂)`, `B = mean(gy·x̂)`, `S = mean(gy)`,
+    // `A = mean(gy·g) − mean(g)·S`, for the upstream gradient `gy`:
+    //
+    // - `dx = γ·inv²·(−c·gy − B·(g − mean(g)) + (3cB − A)·x̂ + c·S)`,
+    // - `dg = γ·inv·(gy − S − x̂·B)` (the input-gradient formula applied to `gy`: the map
+    //   `g ↦ dx` is self-adjoint),
+    // - `dgamma = m·inv·(A − c·B)`.
+
+    /// The backward rule of [`Op::BatchNormGrad`] for the upstream gradient `gy`,
+    /// recorded: `(dx, dgamma, dg)` written with tape ops, recomputing the statistics from
+    /// `x`, so that they can be differentiated again (third order).
+    pub(crate) fn batch_norm_grad_vjp_recorded(
         &mut self,
-        x: Var,
-        gamma: Var,
-        g: Var,
-        eps: f64,
-        stats: &BatchStats,
+        op: &BatchNormGrad,
         gy: Var,
         need: [bool; 3],
     ) -> [Option<Var>; 3] {
-        if self.is_recording() {
-            return self.batch_norm_grad_vjp_graph(x, gamma, g, eps, gy, need);
-        }
-        let shape = self.shape(x).to_vec();
-        let (n, c, p) = ncp(&shape);
-        let p = p.max(1);
-        let (xs, gs, ys) = (
-            flat(self.value(x)),
-            flat(self.value(g)),
-            flat(self.value(gy)),
-        );
-        let gam = flat(self.value(gamma));
-        let cs = ChannelConsts::new(stats, eps, n * p);
-        let m = cs.count;
-        // Per channel: Σg, Σg·(x−μ), Σgy, Σgy·(x−μ), Σgy·g.
-        let mut acc = vec![[0.0f64; 5]; c];
-        for (i, ((xp, gp), yp)) in xs
-            .chunks_exact(p)
-            .zip(gs.chunks_exact(p))
-            .zip(ys.chunks_exact(p))
-            .enumerate()
-        {
-            let j = i % c;
-            let mu = cs.mu[j];
-            let mut s = [F::zero(); 5];
-            for ((&xv, &gv), &yv) in xp.iter().zip(gp).zip(yp) {
-                let d = xv - mu;
-                s[0] += gv;
-                s[1] += gv * d;
-                s[2] += yv;
-                s[3] += yv * d;
-                s[4] += yv * gv;
-            }
-            for (a, v) in acc[j].iter_mut().zip(s) {
-                *a += v.f64();
-            }
-        }
-        // Per-channel constants, so that each output is an affine map of (gy, g, x − μ).
-        let mut cx = vec![[F::zero(); 4]; c]; // dx = a·gy + b·g + d·(x−μ) + e
-        let mut cg = vec![[F::zero(); 3]; c]; // dg = a·gy + d·(x−μ) + e
-        let mut dgamma = vec![F::zero(); c];
-        for j in 0..c {
-            let [sg, sgx, sy, syx, syg] = acc[j];
-            let inv = cs.inv[j];
-            let gbar = sg / m;
-            let cc = inv * sgx / m;
-            let b = inv * syx / m;
-            let s = sy / m;
-            let a = syg / m - gbar * s;
-            let gi2 = gam[j].f64() * inv * inv;
-            // dx = γ inv² (−c gy − B (g − ḡ) + (3cB − A) x̂ + c S), x̂ = inv (x − μ).
-            cx[j] = [
-                F::c(-gi2 * cc),
-                F::c(-gi2 * b),
-                F::c(gi2 * (3.0 * cc * b - a) * inv),
-                F::c(gi2 * (b * gbar + cc * s)),
-            ];
-            // dg = γ inv (gy − S − x̂ B).
-            let gi = gam[j].f64() * inv;
-            cg[j] = [F::c(gi), F::c(-gi * b * inv), F::c(-gi * s)];
-            dgamma[j] = F::c(m * inv * (a - cc * b));
-        }
-        let dx = need[0].then(|| {
-            let mut out = Vec::with_capacity(xs.len());
-            for (i, ((xp, gp), yp)) in xs
-                .chunks_exact(p)
-                .zip(gs.chunks_exact(p))
-                .zip(ys.chunks_exact(p))
-                .enumerate()
-            {
-                let j = i % c;
-                let ([a, b, d, e], mu) = (cx[j], cs.mu[j]);
-                out.extend(
-                    xp.iter()
-                        .zip(gp)
-                        .zip(yp)
-                        .map(|((&xv, &gv), &yv)| a * yv + b * gv + d * (xv - mu) + e),
-                );
-            }
-            from_vec(&shape, out)
-        });
-        let dg = need[2].then(|| {
-            let mut out = Vec::with_capacity(xs.len());
-            for (i, (xp, yp)) in xs.chunks_exact(p).zip(ys.chunks_exact(p)).enumerate() {
-                let j = i % c;
-                let ([a, d, e], mu) = (cg[j], cs.mu[j]);
-                out.extend(
-                    xp.iter()
-                        .zip(yp)
-                        .map(|(&xv, &yv)| a * yv + d * (xv - mu) + e),
-                );
-            }
-            from_vec(&shape, out)
-        });
-        let dgamma = need[1].then(|| from_vec(&[c], dgamma));
-        [dx, dgamma, dg].map(|a| a.map(|a| self.constant(a)))
-    }
-
-    /// [`Tape::batch_norm_grad_vjp`] written with tape ops (differentiable again).
-    fn batch_norm_grad_vjp_graph(
-        &mut self,
-        x: Var,
-        gamma: Var,
-        g: Var,
-        eps: f64,
-        gy: Var,
-        need: [bool; 3],
-    ) -> [Option<Var>; 3] {
+        let BatchNormGrad {
+            x, gamma, g, eps, ..
+        } = *op;
         let shape = self.shape(x).to_vec();
         let axes = not_channel_axes(shape.len());
         let mut chan = vec![1; shape.len()];
@@ -517,6 +364,107 @@ impl<F: Float> Tape<F> {
         });
         [dx, dgamma, dg]
     }
+
+    /// The same rule, fused: the five per-channel sums it needs in one pass, then `dx` and
+    /// `dg` each as a per-channel affine map of `(gy, g, x − mean)` in one more. Returns
+    /// constants.
+    pub(crate) fn batch_norm_grad_vjp_fused(
+        &mut self,
+        op: &BatchNormGrad,
+        gy: Var,
+        need: [bool; 3],
+    ) -> [Option<Var>; 3] {
+        let shape = self.shape(op.x).to_vec();
+        let (gam, gs, ys) = (
+            flat(self.value(op.gamma)),
+            flat(self.value(op.g)),
+            flat(self.value(gy)),
+        );
+        let xh = XHat::new(flat(self.value(op.x)), &shape, &op.stats, op.eps);
+        let (xs, c, p, m) = (xh.xs, xh.c, xh.p, xh.count);
+        // Per channel: Σg, Σg·(x−μ), Σgy, Σgy·(x−μ), Σgy·g.
+        let mut acc = vec![[0.0f64; 5]; c];
+        for (i, ((xp, gp), yp)) in xs
+            .chunks_exact(p)
+            .zip(gs.chunks_exact(p))
+            .zip(ys.chunks_exact(p))
+            .enumerate()
+        {
+            let j = i % c;
+            let mu = xh.mu[j];
+            let mut s = [F::zero(); 5];
+            for ((&xv, &gv), &yv) in xp.iter().zip(gp).zip(yp) {
+                let d = xv - mu;
+                s[0] += gv;
+                s[1] += gv * d;
+                s[2] += yv;
+                s[3] += yv * d;
+                s[4] += yv * gv;
+            }
+            for (a, v) in acc[j].iter_mut().zip(s) {
+                *a += v.f64();
+            }
+        }
+        // Per-channel constants, so that each output is an affine map of (gy, g, x − μ).
+        let mut cx = vec![[F::zero(); 4]; c]; // dx = a·gy + b·g + d·(x−μ) + e
+        let mut cg = vec![[F::zero(); 3]; c]; // dg = a·gy + d·(x−μ) + e
+        let mut dgamma = vec![F::zero(); c];
+        for j in 0..c {
+            let [sg, sgx, sy, syx, syg] = acc[j];
+            let inv = xh.inv[j];
+            let gbar = sg / m;
+            let cc = inv * sgx / m;
+            let b = inv * syx / m;
+            let s = sy / m;
+            let a = syg / m - gbar * s;
+            let gi2 = gam[j].f64() * inv * inv;
+            // dx = γ inv² (−c gy − B (g − ḡ) + (3cB − A) x̂ + c S), x̂ = inv (x − μ).
+            cx[j] = [
+                F::c(-gi2 * cc),
+                F::c(-gi2 * b),
+                F::c(gi2 * (3.0 * cc * b - a) * inv),
+                F::c(gi2 * (b * gbar + cc * s)),
+            ];
+            // dg = γ inv (gy − S − x̂ B).
+            let gi = gam[j].f64() * inv;
+            cg[j] = [F::c(gi), F::c(-gi * b * inv), F::c(-gi * s)];
+            dgamma[j] = F::c(m * inv * (a - cc * b));
+        }
+        let dx = need[0].then(|| {
+            let mut out = Vec::with_capacity(xs.len());
+            for (i, ((xp, gp), yp)) in xs
+                .chunks_exact(p)
+                .zip(gs.chunks_exact(p))
+                .zip(ys.chunks_exact(p))
+                .enumerate()
+            {
+                let j = i % c;
+                let ([a, b, d, e], mu) = (cx[j], xh.mu[j]);
+                out.extend(
+                    xp.iter()
+                        .zip(gp)
+                        .zip(yp)
+                        .map(|((&xv, &gv), &yv)| a * yv + b * gv + d * (xv - mu) + e),
+                );
+            }
+            from_vec(&shape, out)
+        });
+        let dg = need[2].then(|| {
+            let mut out = Vec::with_capacity(xs.len());
+            for (i, (xp, yp)) in xs.chunks_exact(p).zip(ys.chunks_exact(p)).enumerate() {
+                let j = i % c;
+                let ([a, d, e], mu) = (cg[j], xh.mu[j]);
+                out.extend(
+                    xp.iter()
+                        .zip(yp)
+                        .map(|(&xv, &yv)| a * yv + d * (xv - mu) + e),
+                );
+            }
+            from_vec(&shape, out)
+        });
+        let dgamma = need[1].then(|| from_vec(&[c], dgamma));
+        [dx, dgamma, dg].map(|a| a.map(|a| self.constant(a)))
+    }
 }
 
 /// The axes a batch norm reduces over: all but the channel axis 1.
@@ -524,67 +472,131 @@ fn not_channel_axes(rank: usize) -> Vec<usize> {
     (0..rank).filter(|&a| a != 1).collect()
 }
 
-/// Per-channel constants of a batch norm's backward pass.
-struct ChannelConsts<F> {
-    /// Mean, in `F`.
+/// The normalised input `x̂ = (x − mean)·inv` as the fused backward loops read it, without
+/// storing it: `x` as `N·C` planes of `p` elements and, per channel, the mean (in `F`) and
+/// `inv = 1 / sqrt(var + eps)` from the forward pass's [`BatchStats`].
+struct XHat<'a, F> {
+    /// `x`, row-major.
+    xs: &'a [F],
+    /// Batch size.
+    n: usize,
+    /// Channels.
+    c: usize,
+    /// Elements per plane (at least 1).
+    p: usize,
+    /// Per-channel mean, in `F`.
     mu: Vec<F>,
-    /// `1 / sqrt(var + eps)`.
+    /// Per-channel `1 / sqrt(var + eps)`.
     inv: Vec<f64>,
-    /// Elements per channel.
+    /// Elements per channel, `N·p`.
     count: f64,
 }
 
-impl<F: Float> ChannelConsts<F> {
-    fn new(stats: &BatchStats, eps: f64, count: usize) -> Self {
-        ChannelConsts {
+impl<'a, F: Float> XHat<'a, F> {
+    fn new(xs: &'a [F], shape: &[usize], stats: &BatchStats, eps: f64) -> Self {
+        let (n, c, p) = ncp(shape);
+        let p = p.max(1);
+        XHat {
+            xs,
+            n,
+            c,
+            p,
             mu: stats.mean.iter().map(|&m| F::c(m)).collect(),
             inv: stats.var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect(),
-            count: count as f64,
+            count: (n * p) as f64,
         }
     }
 
-    /// `dx = k·g + e·(x − mean) + f` per channel, from `Σg` and `Σg·(x − mean)`:
-    /// `dx = γ·inv·(g − Σg/m − x̂·Σ(g·x̂)/m)`, `x̂ = (x − mean)·inv`.
-    #[allow(clippy::type_complexity)]
-    fn dx_coefficients(&self, gam: &[F], sg: &[f64], sgx: &[f64]) -> (Vec<F>, Vec<F>, Vec<F>) {
-        let c = self.mu.len();
+    /// Per channel `Σg` and `Σg·(x − mean)`, for `g` shaped like `x` or, with a pool, the
+    /// pooled map's gradient (summed over the elements that read `x`).
+    fn sums(&self, gs: &[F], pool: Option<&Gather>) -> (Vec<f64>, Vec<f64>) {
+        let (c, p) = (self.c, self.p);
+        let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
+        match pool {
+            None => {
+                for (i, (gp, xp)) in gs.chunks_exact(p).zip(self.xs.chunks_exact(p)).enumerate() {
+                    sg[i % c] += sum_slice(gp).f64();
+                    sgx[i % c] += dot_dev(gp, xp, self.mu[i % c]).f64();
+                }
+            }
+            Some(map) => {
+                for (j, read) in pooled_planes(gs, map, self.n * c, c) {
+                    let (mut a, mut b) = (F::zero(), F::zero());
+                    for (gv, si) in read {
+                        a += gv;
+                        b += gv * (self.xs[si] - self.mu[j]);
+                    }
+                    sg[j] += a.f64();
+                    sgx[j] += b.f64();
+                }
+            }
+        }
+        (sg, sgx)
+    }
+
+    /// The input gradient `dx = γ·inv·(g − Σg/m − x̂·Σ(g·x̂)/m)` per channel, from the
+    /// [`sums`](Self::sums) `Σg` and `Σg·(x − mean)` of the same `g` and `pool`: written as
+    /// `dx = k·g + e·(x − mean) + f`, where with a pool `g` is zero but at each window's
+    /// maximum.
+    fn input_grad(
+        &self,
+        gam: &[F],
+        gs: &[F],
+        pool: Option<&Gather>,
+        sg: &[f64],
+        sgx: &[f64],
+    ) -> Vec<F> {
+        let (c, p, m) = (self.c, self.p, self.count);
         let k: Vec<f64> = (0..c).map(|j| gam[j].f64() * self.inv[j]).collect();
-        let e = (0..c)
-            .map(|j| F::c(-k[j] * self.inv[j] * self.inv[j] * sgx[j] / self.count))
+        let e: Vec<F> = (0..c)
+            .map(|j| F::c(-k[j] * self.inv[j] * self.inv[j] * sgx[j] / m))
             .collect();
-        let f = (0..c).map(|j| F::c(-k[j] * sg[j] / self.count)).collect();
-        (k.into_iter().map(F::c).collect(), e, f)
+        let f: Vec<F> = (0..c).map(|j| F::c(-k[j] * sg[j] / m)).collect();
+        let k: Vec<F> = k.into_iter().map(F::c).collect();
+        let mut out = Vec::with_capacity(self.xs.len());
+        match pool {
+            None => {
+                for (i, (gp, xp)) in gs.chunks_exact(p).zip(self.xs.chunks_exact(p)).enumerate() {
+                    let j = i % c;
+                    let (kj, ej, fj, mj) = (k[j], e[j], f[j], self.mu[j]);
+                    out.extend(
+                        gp.iter()
+                            .zip(xp)
+                            .map(|(&gv, &xv)| kj * gv + ej * (xv - mj) + fj),
+                    );
+                }
+            }
+            Some(map) => {
+                for (i, xp) in self.xs.chunks_exact(p).enumerate() {
+                    let j = i % c;
+                    let (ej, fj, mj) = (e[j], f[j], self.mu[j]);
+                    out.extend(xp.iter().map(|&xv| ej * (xv - mj) + fj));
+                }
+                for (j, read) in pooled_planes(gs, map, self.n * c, c) {
+                    let kj = k[j];
+                    for (gv, si) in read {
+                        out[si] += kj * gv;
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
-/// Per channel `Σ g` and `Σ g·(x − mean)` over `[N, C, P]` maps.
-fn sums<F: Float>(xs: &[F], gs: &[F], mu: &[F], c: usize, p: usize) -> (Vec<f64>, Vec<f64>) {
-    let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
-    for (i, (gp, xp)) in gs.chunks_exact(p).zip(xs.chunks_exact(p)).enumerate() {
-        sg[i % c] += sum_slice(gp).f64();
-        sgx[i % c] += dot_dev(gp, xp, mu[i % c]).f64();
-    }
-    (sg, sgx)
-}
-
-/// `k·g + e·(x − mean) + f` per channel over `[N, C, P]` maps.
-fn dx_values<F: Float>(
-    xs: &[F],
-    gs: &[F],
-    mu: &[F],
-    (k, e, f): (&[F], &[F], &[F]),
+/// The pooled map's gradient `gs` plane by plane, for each of the `planes` planes in order:
+/// its channel, and the `(g, source in x)` pairs of its elements that read an element of
+/// `x` (a window's maximum; a window the ReLU cut reads none).
+fn pooled_planes<'a, F: Float>(
+    gs: &'a [F],
+    map: &'a Gather,
+    planes: usize,
     c: usize,
-    p: usize,
-) -> Vec<F> {
-    let mut out = Vec::with_capacity(xs.len());
-    for (i, (gp, xp)) in gs.chunks_exact(p).zip(xs.chunks_exact(p)).enumerate() {
-        let j = i % c;
-        let (kj, ej, fj, mj) = (k[j], e[j], f[j], mu[j]);
-        out.extend(
-            gp.iter()
-                .zip(xp)
-                .map(|(&gv, &xv)| kj * gv + ej * (xv - mj) + fj),
-        );
-    }
-    out
+) -> impl Iterator<Item = (usize, impl Iterator<Item = (F, usize)> + 'a)> + 'a {
+    let q = (gs.len() / planes.max(1)).max(1); // pooled elements per plane
+    let rows = gs.chunks_exact(q).zip(map.src.chunks_exact(q));
+    rows.enumerate().map(move |(i, (gp, sp))| {
+        let read = gp.iter().zip(sp).filter(|&(_, &si)| si != NONE);
+        (i % c, read.map(|(&gv, &si)| (gv, si)))
+    })
 }

@@ -1,6 +1,7 @@
 //! The backward pass: [`Tape::grad`] and [`Tape::vjp`].
 
-use super::{vjp, Op, Tape, Var};
+use super::vjp::{self, Form};
+use super::{Op, Tape, Var};
 use crate::Float;
 use ndarray::ArrayD;
 
@@ -83,12 +84,18 @@ impl<F: Float> Tape<F> {
             }
         }
 
+        // The form of the backward rules, and the tape records exactly when it is
+        // `Recorded`. Without a graph to keep, the backward pass's own nodes are scratch:
+        // each one's value is freed as soon as nothing holds it, so peak memory stays near
+        // the forward pass's. `holds` counts the `grads` entries holding each scratch node.
         let recording = self.recording;
-        self.recording = recording && create_graph;
-        // Without a graph to keep, the backward pass's own nodes are scratch: each one's
-        // value is freed as soon as nothing holds it, so peak memory stays near the
-        // forward pass's. `holds` counts the `grads` entries holding each scratch node.
-        let scratch = !self.recording;
+        let form = if recording && create_graph {
+            Form::Recorded
+        } else {
+            Form::Fused
+        };
+        self.recording = form == Form::Recorded;
+        let scratch = form == Form::Fused;
         let mut holds: Vec<u32> = Vec::new();
         let mut grads: Vec<Option<Var>> = vec![None; n];
         grads[output.0] = Some(seed);
@@ -110,7 +117,15 @@ impl<F: Float> Tape<F> {
             let op = std::mem::replace(&mut self.nodes[i].op, Op::Leaf);
             contribs.clear();
             let before = self.len();
-            vjp::vjp(self, &op, Var(i), g, &|v: Var| needed[v.0], &mut contribs);
+            vjp::vjp(
+                self,
+                &op,
+                form,
+                Var(i),
+                g,
+                &|v: Var| needed[v.0],
+                &mut contribs,
+            );
             self.nodes[i].op = op;
             for &(input, gi) in contribs.iter() {
                 let new = match grads[input.0] {
@@ -219,8 +234,8 @@ impl Op {
     pub fn for_each_input(&self, mut f: impl FnMut(Var)) {
         match self {
             Op::Concat(vs, _) => vs.iter().for_each(|&v| f(v)),
-            Op::BatchNorm { x, gamma, beta, .. } => [*x, *gamma, *beta].into_iter().for_each(f),
-            Op::BatchNormGrad { x, gamma, g, .. } => [*x, *gamma, *g].into_iter().for_each(f),
+            Op::BatchNorm(bn) => [bn.x, bn.gamma, bn.beta].into_iter().for_each(f),
+            Op::BatchNormGrad(bg) => [bg.x, bg.gamma, bg.g].into_iter().for_each(f),
             op => {
                 let (a, b) = op.operands();
                 a.into_iter().chain(b).for_each(f);
@@ -231,9 +246,7 @@ impl Op {
     /// Up to two operands (every op but `Concat`, whose inputs are a list).
     fn operands(&self) -> (Option<Var>, Option<Var>) {
         match self {
-            Op::Leaf | Op::Concat(..) | Op::BatchNorm { .. } | Op::BatchNormGrad { .. } => {
-                (None, None)
-            }
+            Op::Leaf | Op::Concat(..) | Op::BatchNorm(_) | Op::BatchNormGrad(_) => (None, None),
             Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) => (Some(*a), Some(*b)),
             Op::MatMul { a, b, .. } => (Some(*a), Some(*b)),
             Op::Conv2d(a, b, _) | Op::Conv2dInputGrad(a, b, _) | Op::Conv2dWeightGrad(a, b, _) => {

@@ -2,13 +2,16 @@
 //!
 //! Every variant has exactly one backward rule in `vjp.rs`, written with the tape's
 //! own ops; the `match` there is exhaustive, so an op without a rule does not compile,
-//! and every rule is itself differentiable. (The fused batch-norm ops' rules also have a
-//! fast form used when nothing is recorded; see [`crate::ops::norm`].) Composite
-//! operations (softmax, cross-entropy, group norm, max-pool, ...) are built from these in
-//! [`crate::ops`].
+//! and every rule is itself differentiable. (The two batch-norm ops' rules also have a
+//! fused form, which the backward pass asks for when it creates no graph; see
+//! [`crate::ops::norm`].) Composite operations (softmax, cross-entropy, group norm,
+//! max-pool, ...) are built from these in [`crate::ops`].
+//!
+//! This module imports nothing from the layers above the tape: the payloads the ops carry
+//! ([`Gather`], [`ConvGeom`], [`BatchStats`], [`BatchNorm`], [`BatchNormGrad`]) are
+//! defined here.
 
 use super::Var;
-use crate::ops::norm::BatchStats;
 use std::sync::Arc;
 
 /// Marks an output element of a [`Gather`] that reads no input element (it is zero).
@@ -62,6 +65,52 @@ impl ConvGeom {
     pub fn wo(&self) -> usize {
         (self.w + 2 * self.pad - self.kw) / self.stride + 1
     }
+}
+
+/// What a batch norm's forward pass measured, per channel: the mean and the **biased**
+/// variance (divided by the element count, the one the normalisation divides by; the
+/// running statistics in [`crate::nn`] keep unbiased estimates instead).
+#[derive(Debug)]
+pub struct BatchStats {
+    /// Per-channel mean.
+    pub mean: Vec<f64>,
+    /// Per-channel biased (divide-by-count) variance.
+    pub var: Vec<f64>,
+}
+
+/// The payload of [`Op::BatchNorm`]: batch normalisation of `x` with the batch's own
+/// per-channel statistics, the affine map `gamma`, `beta`, and with `pool` ReLU and
+/// max-pooling fused in.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    /// Input `[N, C, ...]`.
+    pub x: Var,
+    /// Per-channel scale `[C]`.
+    pub gamma: Var,
+    /// Per-channel shift `[C]`.
+    pub beta: Var,
+    /// Added to the variance.
+    pub eps: f64,
+    /// The statistics the forward pass used.
+    pub stats: Arc<BatchStats>,
+    /// For ReLU and max-pooling fused in: each output element's source in `x`.
+    pub pool: Option<Arc<Gather>>,
+}
+
+/// The payload of [`Op::BatchNormGrad`]: the input gradient of a [`BatchNorm`] (without
+/// pooling) for the upstream gradient `g`.
+#[derive(Debug, Clone)]
+pub struct BatchNormGrad {
+    /// The batch norm's input `[N, C, ...]`.
+    pub x: Var,
+    /// Its per-channel scale `[C]`.
+    pub gamma: Var,
+    /// The upstream gradient, shaped like `x`.
+    pub g: Var,
+    /// Added to the variance.
+    pub eps: f64,
+    /// The statistics of `x`.
+    pub stats: Arc<BatchStats>,
 }
 
 /// A recorded operation: what produced a node, and from which nodes.
@@ -140,37 +189,12 @@ pub enum Op {
     LogSoftmax(Var),
     /// Softmax along the last axis.
     Softmax(Var),
-    /// Batch normalisation of `x` with the batch's own per-channel statistics, then the
-    /// affine map `gamma`, `beta`, then with `pool` the gather of ReLU and max-pooling
-    /// (fused; see [`crate::ops::norm`]).
-    BatchNorm {
-        /// Input `[N, C, ...]`.
-        x: Var,
-        /// Per-channel scale `[C]`.
-        gamma: Var,
-        /// Per-channel shift `[C]`.
-        beta: Var,
-        /// Added to the variance.
-        eps: f64,
-        /// The statistics the forward pass used.
-        stats: Arc<BatchStats>,
-        /// For ReLU and max-pooling fused in: each output element's source in `x`.
-        pool: Option<Arc<Gather>>,
-    },
-    /// The input gradient of [`Op::BatchNorm`] for the upstream gradient `g` (the op
-    /// its backward rule records when a graph is created; see [`crate::ops::norm`]).
-    BatchNormGrad {
-        /// The batch norm's input `[N, C, ...]`.
-        x: Var,
-        /// Its per-channel scale `[C]`.
-        gamma: Var,
-        /// The upstream gradient, shaped like `x`.
-        g: Var,
-        /// Added to the variance.
-        eps: f64,
-        /// The statistics of `x`.
-        stats: Arc<BatchStats>,
-    },
+    /// Batch normalisation with the batch's own statistics, optionally followed by ReLU
+    /// and max-pooling, as one op (see [`crate::ops::norm`]).
+    BatchNorm(BatchNorm),
+    /// The input gradient of [`Op::BatchNorm`] for an upstream gradient: the op its
+    /// backward rule records when a graph is created (see [`crate::ops::norm`]).
+    BatchNormGrad(BatchNormGrad),
 }
 
 impl Op {
@@ -206,9 +230,9 @@ impl Op {
             Op::Conv2dWeightGrad(..) => "conv2d_weight_grad",
             Op::LogSoftmax(..) => "log_softmax",
             Op::Softmax(..) => "softmax",
-            Op::BatchNorm { pool: None, .. } => "batch_norm_batch_stats",
-            Op::BatchNorm { .. } => "batch_norm_relu_max_pool2d",
-            Op::BatchNormGrad { .. } => "batch_norm_grad",
+            Op::BatchNorm(BatchNorm { pool: None, .. }) => "batch_norm_batch_stats",
+            Op::BatchNorm(_) => "batch_norm_relu_max_pool2d",
+            Op::BatchNormGrad(_) => "batch_norm_grad",
         }
     }
 }

@@ -4,19 +4,38 @@
 //! op's inputs, using only the tape's own ops. Differentiating a rule's result again
 //! therefore uses the rules of those ops: second and higher order gradients need nothing
 //! more. The `match` is exhaustive: a new [`Op`] variant without a rule does not compile.
+//!
+//! A rule may also have a fused form, which computes its gradients directly and returns
+//! them as constants; the backward pass says which [`Form`] it wants. The two batch-norm
+//! ops have one (their forms stand side by side at the end of the `match`); every other
+//! rule has one form that serves both.
 
 use super::{Op, Tape, Var};
 use crate::Float;
 
-/// Appends `(input, gradient)` pairs for the inputs of `op` that `need` selects.
+/// Which form of a backward rule the backward pass wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Form {
+    /// `create_graph = true`: the rule written in tape ops and recorded, so that its
+    /// result can be differentiated again.
+    Recorded,
+    /// `create_graph = false`: nothing is recorded, so a rule may compute its result
+    /// directly (fused loops) and return constants.
+    Fused,
+}
+
+/// Appends `(input, gradient)` pairs for the inputs of `op` that `need` selects, with the
+/// rule in the given form. The tape records exactly when `form` is [`Form::Recorded`].
 pub(super) fn vjp<F: Float>(
     t: &mut Tape<F>,
     op: &Op,
+    form: Form,
     y: Var,
     g: Var,
     need: &dyn Fn(Var) -> bool,
     out: &mut Vec<(Var, Var)>,
 ) {
+    debug_assert_eq!(t.is_recording(), form == Form::Recorded);
     // `put!(input, |t| gradient)`: computes the gradient only for inputs that need one.
     macro_rules! put {
         ($v:expr, &mut |$t:ident| $body:expr) => {{
@@ -185,38 +204,35 @@ pub(super) fn vjp<F: Float>(
             let d = t.sub(own, rest);
             t.mul(y, d)
         }),
-        Op::BatchNorm {
-            x,
-            gamma,
-            beta,
-            eps,
-            stats,
-            pool,
-        } => {
-            let ins = [*x, *gamma, *beta];
-            let grads = t.batch_norm_vjp(*x, *gamma, *eps, stats, pool.as_ref(), g, ins.map(need));
-            out.extend(
-                ins.into_iter()
-                    .zip(grads)
-                    .filter_map(|(v, gv)| Some((v, gv?))),
-            );
+        // Batch norm's two forms: one `batch_norm_grad` primitive and sums in tape ops, or
+        // two fused loops over the batch.
+        Op::BatchNorm(bn) => {
+            let ins = [bn.x, bn.gamma, bn.beta];
+            let grads = match form {
+                Form::Recorded => t.batch_norm_vjp_recorded(bn, g, ins.map(need)),
+                Form::Fused => t.batch_norm_vjp_fused(bn, g, ins.map(need)),
+            };
+            put_all(out, ins, grads);
         }
-        Op::BatchNormGrad {
-            x,
-            gamma,
-            g: gin,
-            eps,
-            stats,
-        } => {
-            let ins = [*x, *gamma, *gin];
-            let grads = t.batch_norm_grad_vjp(*x, *gamma, *gin, *eps, stats, g, ins.map(need));
-            out.extend(
-                ins.into_iter()
-                    .zip(grads)
-                    .filter_map(|(v, gv)| Some((v, gv?))),
-            );
+        // And its gradient's two forms: the formula in tape ops (third order), or fused.
+        Op::BatchNormGrad(bg) => {
+            let ins = [bg.x, bg.gamma, bg.g];
+            let grads = match form {
+                Form::Recorded => t.batch_norm_grad_vjp_recorded(bg, g, ins.map(need)),
+                Form::Fused => t.batch_norm_grad_vjp_fused(bg, g, ins.map(need)),
+            };
+            put_all(out, ins, grads);
         }
     }
+}
+
+/// Appends the gradients a multi-input rule computed (`None` where not needed).
+fn put_all<const N: usize>(out: &mut Vec<(Var, Var)>, ins: [Var; N], grads: [Option<Var>; N]) {
+    out.extend(
+        ins.into_iter()
+            .zip(grads)
+            .filter_map(|(v, gv)| Some((v, gv?))),
+    );
 }
 
 /// `g` summed down to the shape of `like` (undoing broadcasting).

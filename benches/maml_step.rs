@@ -12,8 +12,8 @@
 //! script's and one JSON line are printed.
 
 use metagrad::map_fn::with_threads;
-use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order, Task};
-use metagrad::nn::{Conv4, Mlp, Model, Targets};
+use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order, Targets, Task};
+use metagrad::nn::{Conv4, Mlp, Model};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

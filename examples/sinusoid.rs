@@ -35,7 +35,7 @@ use metagrad::checkpoint::Checkpoint;
 use metagrad::data::{SinusoidBatch, SinusoidSampler};
 use metagrad::eval::confidence_interval;
 use metagrad::map_fn::map_tasks;
-use metagrad::meta::{adapt, InnerRule, MetaConfig, MetaLearner, Optimizer, Task};
+use metagrad::meta::{InnerLoop, InnerRule, MetaConfig, MetaLearner, Optimizer, Task};
 use metagrad::nn::{Ctx, Mlp, Model, NormMode};
 use metagrad::Tape;
 use ndarray::ArrayD;
@@ -371,19 +371,14 @@ fn predict_curves(
     let mut ctx = Ctx::new(NormMode::Transductive);
     let xs = t.constant(task.support_x.clone());
     let most = steps.iter().copied().max().unwrap_or(0);
-    let traj = adapt(
-        &mut t,
-        &learner.model,
-        &theta,
-        &[],
-        InnerRule::Sgd,
-        INNER_LR,
-        most,
-        false,
-        xs,
-        &task.support_y,
-        &mut ctx,
-    );
+    let inner = InnerLoop {
+        model: &learner.model,
+        rule: InnerRule::Sgd,
+        lr: INNER_LR,
+        steps: most,
+        create_graph: false,
+    };
+    let traj = inner.adapt(&mut t, &theta, &[], xs, &task.support_y, &mut ctx);
     let xg = t.constant(grid.clone());
     t.no_grad(|t| {
         steps

@@ -78,6 +78,25 @@ where
         .collect()
 }
 
+/// The reduction behind every meta-batch: `acc[j] += scale · part[j]` for each task's
+/// `part`, in task order. Task results are gathered by index before it runs, so a sum
+/// never depends on which thread ran which task, or when.
+///
+/// # Panics
+/// If a part's tensor differs in shape from the accumulator's.
+pub fn accumulate_in_order<'a, F, I, P>(acc: &mut [ArrayD<F>], parts: I, scale: F)
+where
+    F: Float,
+    I: IntoIterator<Item = &'a P>,
+    P: AsRef<[ArrayD<F>]> + ?Sized + 'a,
+{
+    for part in parts {
+        for (a, p) in acc.iter_mut().zip(part.as_ref()) {
+            a.zip_mut_with(p, |a, &p| *a += scale * p);
+        }
+    }
+}
+
 fn panic_message(e: Box<dyn Any + Send>) -> String {
     if let Some(s) = e.downcast_ref::<&str>() {
         s.to_string()
@@ -223,11 +242,11 @@ impl MapFn {
             .collect::<Result<Vec<_>>>()?;
         let mut param_grads: Vec<ArrayD<F>> =
             params.iter().map(|p| ArrayD::zeros(p.raw_dim())).collect();
-        for (_, g) in &per_task {
-            for (acc, gi) in param_grads.iter_mut().zip(&g[k..]) {
-                *acc += gi;
-            }
-        }
+        accumulate_in_order(
+            &mut param_grads,
+            per_task.iter().map(|(_, g)| &g[k..]),
+            F::one(),
+        );
         Ok(MapOutput {
             outputs,
             input_grads,

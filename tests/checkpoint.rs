@@ -481,8 +481,17 @@ impl<F: Float> Model<F> for BnMlp {
     fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, ctx: &mut Ctx<'_, F>) -> Var {
         let h = metagrad::nn::layers::linear(t, x, p[0], p[1]);
         let running = ctx.running.map(|r| r.get(0, 0));
-        let (h, observed) =
-            metagrad::nn::norm::batch_norm(t, h, p[2], p[3], ctx.mode, running, 1e-5);
+        let (h, observed) = metagrad::nn::norm::batch_norm(
+            t,
+            h,
+            metagrad::nn::norm::Affine {
+                gamma: p[2],
+                beta: p[3],
+                eps: 1e-5,
+            },
+            ctx.mode,
+            running,
+        );
         if let Some((mean, var)) = observed {
             ctx.observed.push(Observed {
                 layer: 0,

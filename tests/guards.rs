@@ -4,8 +4,9 @@
 //! reports a non-finite result as an error.
 
 use metagrad::data::{EpisodeSampler, EpisodeSpec, ImageCollection, SinusoidSampler};
+use metagrad::meta::Targets;
 use metagrad::meta::{InnerRule, MetaConfig, MetaLearner, NonFinite, Optimizer, Task};
-use metagrad::nn::{Conv4, Downsample, Mlp, Model, NormKind, NormMode, Targets};
+use metagrad::nn::{Conv4, Downsample, Mlp, Model, NormKind, NormMode};
 use metagrad::{Error, Float};
 use ndarray::{Array3, ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};

@@ -2,7 +2,7 @@
 //! semantics, non-zero meta-gradients, the inner step, and learning on sinusoids.
 
 use metagrad::data::{EpisodeSampler, EpisodeSpec, ImageCollection, SinusoidSampler};
-use metagrad::meta::{adapt, InnerRule, MetaConfig, MetaLearner, Optimizer, Order, Task};
+use metagrad::meta::{InnerLoop, InnerRule, MetaConfig, MetaLearner, Optimizer, Order, Task};
 use metagrad::nn::{Conv4, Ctx, Downsample, Mlp, Model, NormKind, NormMode, Params};
 use metagrad::Tape;
 use ndarray::{Array3, ArrayD};
@@ -109,19 +109,14 @@ fn first_order_meta_gradient_is_the_query_gradient_at_the_adapted_parameters() {
     let theta = learner.params.place(&mut t);
     let xs = t.constant(task.support_x.clone());
     let mut ctx = Ctx::new(NormMode::Train);
-    let traj = adapt(
-        &mut t,
-        &learner.model,
-        &theta,
-        &[],
-        InnerRule::Sgd,
-        0.3,
-        2,
-        false,
-        xs,
-        &task.support_y,
-        &mut ctx,
-    );
+    let traj = InnerLoop {
+        model: &learner.model,
+        rule: InnerRule::Sgd,
+        lr: 0.3,
+        steps: 2,
+        create_graph: false,
+    }
+    .adapt(&mut t, &theta, &[], xs, &task.support_y, &mut ctx);
     let phi: Vec<ArrayD<f64>> = traj[2].iter().map(|v| t.value(*v).clone()).collect();
     let mut t2 = Tape::new();
     let p2: Vec<_> = phi.into_iter().map(|a| t2.param(a)).collect();
@@ -167,7 +162,7 @@ fn every_meta_parameter_receives_a_meta_gradient() {
             MetaConfig::maml(2, 0.3).with_rule(InnerRule::HeadOnly),
         ),
         ("MAML++", NormKind::Batch { per_step: Some(3) }, {
-            let mut c = MetaConfig::maml(2, 0.3).with_rule(InnerRule::PerLayerPerStep);
+            let mut c = MetaConfig::maml(2, 0.3).with_rule(InnerRule::PerTensorPerStep);
             c.multi_step_loss = Some(100);
             c.order = Order::Annealed {
                 first_order_steps: 0,
@@ -206,7 +201,7 @@ fn every_meta_parameter_receives_a_meta_gradient() {
     for rule in [
         InnerRule::Sgd,
         InnerRule::MetaSgd,
-        InnerRule::PerLayerPerStep,
+        InnerRule::PerTensorPerStep,
     ] {
         let learner = MetaLearner::<f64, _>::new(
             Mlp::sinusoid(),
@@ -236,19 +231,14 @@ fn one_inner_step_lowers_the_support_loss() {
         let theta = learner.params.place(&mut t);
         let xs = t.constant(task.support_x.clone());
         let mut ctx = Ctx::new(NormMode::Transductive);
-        let traj = adapt(
-            &mut t,
-            &learner.model,
-            &theta,
-            &[],
-            InnerRule::Sgd,
-            0.01,
-            1,
-            false,
-            xs,
-            &task.support_y,
-            &mut ctx,
-        );
+        let traj = InnerLoop {
+            model: &learner.model,
+            rule: InnerRule::Sgd,
+            lr: 0.01,
+            steps: 1,
+            create_graph: false,
+        }
+        .adapt(&mut t, &theta, &[], xs, &task.support_y, &mut ctx);
         let loss_with = |t: &mut Tape<f64>, p: &[metagrad::Var]| {
             let out = learner
                 .model
@@ -363,7 +353,7 @@ fn evaluation_with_more_steps_than_training_uses_learned_rates() {
     let tasks = Task::<f64>::from_sinusoid(&batch);
     let learner = MetaLearner::<f64, _>::new(
         Mlp::sinusoid(),
-        MetaConfig::maml(2, 0.01).with_rule(InnerRule::PerLayerPerStep),
+        MetaConfig::maml(2, 0.01).with_rule(InnerRule::PerTensorPerStep),
         17,
     );
     let (l0, _) = learner
@@ -385,7 +375,7 @@ fn batched_task_chunks_give_the_per_task_meta_gradient() {
     for rule in [
         InnerRule::Sgd,
         InnerRule::MetaSgd,
-        InnerRule::PerLayerPerStep,
+        InnerRule::PerTensorPerStep,
         InnerRule::HeadOnly,
     ] {
         for order in [Order::Second, Order::First] {

@@ -159,11 +159,11 @@ fn meta_training_updates_running_statistics_and_evaluation_does_not() {
         support_x: ArrayD::from_shape_simple_fn(IxDyn(&[3, 1, 16, 16]), || {
             rng.gen_range(0.0..1.0f32)
         }),
-        support_y: metagrad::nn::Targets::Classes(vec![0, 1, 2]),
+        support_y: metagrad::meta::Targets::Classes(vec![0, 1, 2]),
         query_x: ArrayD::from_shape_simple_fn(IxDyn(&[3, 1, 16, 16]), || {
             rng.gen_range(0.0..1.0f32)
         }),
-        query_y: metagrad::nn::Targets::Classes(vec![2, 1, 0]),
+        query_y: metagrad::meta::Targets::Classes(vec![2, 1, 0]),
     };
     let tasks = vec![task(&mut rng), task(&mut rng)];
     let mut learner = MetaLearner::<f32, _>::new(model, MetaConfig::maml(1, 0.1), 10);

@@ -5,7 +5,7 @@
 //! | MAML | [`InnerRule::Sgd`] | second order ([`Order::Second`]) or first order |
 //! | Meta-SGD | [`InnerRule::MetaSgd`]: a learned rate per parameter element | as MAML |
 //! | ANIL | [`InnerRule::HeadOnly`]: only the head adapts | as MAML |
-//! | MAML++ | [`InnerRule::PerLayerPerStep`] (LSLR), plus [`MetaConfig::multi_step_loss`], [`Order::Annealed`], per-step batch norm ([`NormKind::Batch`](crate::nn::NormKind)) | |
+//! | MAML++ | [`InnerRule::PerTensorPerStep`] (LSLR), plus [`MetaConfig::multi_step_loss`], [`Order::Annealed`], per-step batch norm ([`NormKind::Batch`](crate::nn::NormKind)) | |
 //! | Reptile | [`InnerRule::Sgd`] via [`MetaLearner::reptile_step`] | `θ − φ` |
 //!
 //! The inner loop ([`adapt`]) is the same for all: take the gradient of the support loss
@@ -28,14 +28,16 @@
 //! assert!(loss.is_finite());
 //! ```
 
+mod episode;
 mod optim;
 mod task;
 
+pub use episode::{adapted_indices, last_step_only, EpisodeRun, InnerLoop};
 pub use optim::{Optimizer, Rule};
-pub use task::Task;
+pub use task::{Targets, Task};
 
-use crate::map_fn::map_tasks;
-use crate::nn::{Ctx, Model, NormMode, NormState, Observed, Params, Targets};
+use crate::map_fn::{accumulate_in_order, map_tasks};
+use crate::nn::{Ctx, Model, NormMode, NormState, Observed, Params};
 use crate::{Error, Float, Result, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
@@ -47,9 +49,11 @@ pub enum InnerRule {
     Sgd,
     /// `φ ← φ − α ⊙ ∇L` with a learned rate per parameter element (Meta-SGD).
     MetaSgd,
-    /// `φ ← φ − α[l, s] ∇L` with a learned rate per parameter tensor and inner step
-    /// (MAML++'s LSLR).
-    PerLayerPerStep,
+    /// `φ ← φ − α[l, s] ∇L` with a learned rate per parameter tensor `l` and inner step
+    /// `s` (MAML++'s "per-layer per-step" rates, LSLR: one per weight and one per bias).
+    /// Checkpoints written with its former name `PerLayerPerStep` still load.
+    #[serde(alias = "PerLayerPerStep")]
+    PerTensorPerStep,
     /// `φ ← φ − α ∇L` for the head only; the body is shared (ANIL).
     HeadOnly,
 }
@@ -198,98 +202,6 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
-/// The inner loop shared by every method: `steps` updates of the adapted parameters
-/// `fast` on the support set, by `rule`. Returns the parameters after each step (index 0
-/// is the starting point). With `create_graph` the updates are recorded, so the result can
-/// be differentiated with respect to the starting parameters through the updates (second
-/// order); without it the inner gradients are constants (first order).
-///
-/// Only the parameters [`adapted_indices`] selects change. `rates` are the learned inner
-/// rates, one per adapted parameter in that order: shaped like the parameter for
-/// [`InnerRule::MetaSgd`], shape `[k]` for [`InnerRule::PerLayerPerStep`] (steps past `k`
-/// reuse the last rate); empty otherwise.
-#[allow(clippy::too_many_arguments)]
-pub fn adapt<F: Float, M: Model<F> + ?Sized>(
-    t: &mut Tape<F>,
-    model: &M,
-    start: &[Var],
-    rates: &[Var],
-    rule: InnerRule,
-    inner_lr: f64,
-    steps: usize,
-    create_graph: bool,
-    x: Var,
-    y: &Targets<F>,
-    ctx: &mut Ctx<'_, F>,
-) -> Vec<Vec<Var>> {
-    let adapted = adapted_indices(model, rule, start.len());
-    let mut trajectory = vec![start.to_vec()];
-    let mut fast = start.to_vec();
-    for s in 0..steps {
-        ctx.step = s;
-        ctx.record_context = true;
-        let out = model.forward(t, &fast, x, ctx);
-        ctx.record_context = false;
-        let loss = y.loss(t, out);
-        let wrt: Vec<Var> = adapted.iter().map(|&i| fast[i]).collect();
-        let grads = t.grad(loss, &wrt, create_graph);
-        for (k, (&i, &g)) in adapted.iter().zip(&grads).enumerate() {
-            let step = match rule {
-                InnerRule::Sgd | InnerRule::HeadOnly => t.mul_scalar(g, inner_lr),
-                InnerRule::MetaSgd => t.mul(rates[k], g),
-                InnerRule::PerLayerPerStep => {
-                    // Steps beyond the learned ones (longer adaptation at test time)
-                    // reuse the last step's rate.
-                    let s = s.min(t.shape(rates[k])[0] - 1);
-                    let r = t.slice_axis(rates[k], 0, s, s + 1);
-                    let r = t.reshape(r, &[]);
-                    t.mul(r, g)
-                }
-            };
-            fast[i] = t.sub(fast[i], step);
-        }
-        trajectory.push(fast.clone());
-    }
-    trajectory
-}
-
-/// The parameters the inner loop adapts under `rule`: the head for
-/// [`InnerRule::HeadOnly`], otherwise all but the model's [`Model::inner_frozen`] ones.
-pub fn adapted_indices<F: Float, M: Model<F> + ?Sized>(
-    model: &M,
-    rule: InnerRule,
-    len: usize,
-) -> Vec<usize> {
-    match rule {
-        InnerRule::HeadOnly => model.head(),
-        _ => {
-            let frozen = model.inner_frozen();
-            (0..len).filter(|i| !frozen.contains(i)).collect()
-        }
-    }
-}
-
-/// Runs the network on `x` with parameters `p` at inner step `step`; for TaskNorm
-/// networks, a pass over the support set `context` first records its statistics.
-#[allow(clippy::too_many_arguments)]
-fn predict<F: Float, M: Model<F> + ?Sized>(
-    t: &mut Tape<F>,
-    model: &M,
-    p: &[Var],
-    x: Var,
-    context: Var,
-    step: usize,
-    ctx: &mut Ctx<'_, F>,
-) -> Var {
-    ctx.step = step;
-    if model.needs_context() {
-        ctx.record_context = true;
-        model.forward(t, p, context, ctx);
-        ctx.record_context = false;
-    }
-    model.forward(t, p, x, ctx)
-}
-
 /// What one tape computed for a group of tasks: the meta-gradient (or, for Reptile, the
 /// adapted parameters), the summed loss, and what it observed.
 struct GroupResult<F: Float> {
@@ -380,7 +292,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 InnerRule::MetaSgd => {
                     params.push(format!("inner_lr.{name}"), ArrayD::from_elem(shape, lr))
                 }
-                InnerRule::PerLayerPerStep => params.push(
+                InnerRule::PerTensorPerStep => params.push(
                     format!("inner_lr.{name}"),
                     ArrayD::from_elem(IxDyn(&[config.inner_steps.max(1)]), lr),
                 ),
@@ -445,53 +357,15 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         w
     }
 
-    /// One task's meta-loss on `t`: adapt on the support set, evaluate the query set.
-    fn task_loss(
-        &self,
-        t: &mut Tape<F>,
-        theta: &[Var],
-        task: &Task<F>,
-        second_order: bool,
-        ctx: &mut Ctx<'_, F>,
-    ) -> (Var, Var) {
-        let (net, rates) = theta.split_at(self.net_len);
-        let xs = t.constant(task.support_x.clone());
-        let xq = t.constant(task.query_x.clone());
-        let steps = self.config.inner_steps;
-        let traj = adapt(
-            t,
-            &self.model,
-            net,
-            rates,
-            self.config.rule,
-            self.config.inner_lr,
+    /// The inner loop as configured, for `steps` steps, recorded or not.
+    fn inner_loop(&self, steps: usize, create_graph: bool) -> InnerLoop<'_, M> {
+        InnerLoop {
+            model: &self.model,
+            rule: self.config.rule,
+            lr: self.config.inner_lr,
             steps,
-            second_order,
-            xs,
-            &task.support_y,
-            ctx,
-        );
-        let weights = self.step_weights();
-        let mut total = None;
-        let mut last_out = None;
-        for (s, w) in weights.iter().enumerate() {
-            if *w == 0.0 && s + 1 < weights.len() {
-                continue;
-            }
-            let p = &traj[(s + 1).min(traj.len() - 1)];
-            let out = predict(t, &self.model, p, xq, xs, steps, ctx);
-            let l = task.query_y.loss(t, out);
-            let l = t.mul_scalar(l, *w);
-            total = Some(match total {
-                None => l,
-                Some(acc) => t.add(acc, l),
-            });
-            last_out = Some(out);
+            create_graph,
         }
-        (
-            total.expect("at least one weighted step"),
-            last_out.expect("a query pass"),
-        )
     }
 
     /// One meta-training step over a meta-batch of tasks: adapt on each support set, take
@@ -552,15 +426,18 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let mut t = Tape::new();
         let theta = self.params.place(&mut t);
         let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
+        let inner = self.inner_loop(self.config.inner_steps, second_order);
+        let weights = self.step_weights();
+        let (net, rates) = theta.split_at(self.net_len);
         let (loss, acc) = if group.len() == 1 {
-            let (loss, out) = self.task_loss(&mut t, &theta, &group[0], second_order, &mut ctx);
-            (loss, group[0].query_y.accuracy(t.value(out)))
+            let run = inner.episode(&mut t, net, rates, &group[0], &weights, &mut ctx);
+            (run.loss, group[0].query_y.accuracy(t.value(run.query_out)))
         } else {
             // A chunk of tasks as one batched computation: each meta-parameter is
             // broadcast to a stack of per-task copies, and the loss is the sum of the
             // tasks' losses, so the inner gradient of each copy is its task's own.
             let c = group.len();
-            let stacked: Vec<Var> = theta[..self.net_len]
+            let stacked: Vec<Var> = net
                 .iter()
                 .map(|&p| {
                     let shape = t.shape(p).to_vec();
@@ -570,11 +447,10 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                     one[0] = c;
                     t.broadcast_to(p1, &one)
                 })
-                .chain(theta[self.net_len..].iter().copied())
                 .collect();
             let batch = Task::stack(group);
-            let (loss, _) = self.task_loss(&mut t, &stacked, &batch, second_order, &mut ctx);
-            (loss, None)
+            let run = inner.episode(&mut t, &stacked, rates, &batch, &weights, &mut ctx);
+            (run.loss, None)
         };
         let value = t.item(loss);
         let grads = t.grad(loss, &theta, false);
@@ -591,14 +467,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// The meta-gradient over a (validated) meta-batch, and which tasks were not finite.
     fn meta_batch(&self, tasks: &[Task<F>]) -> Result<BatchResult<F>> {
         let second_order = self.config.order.second_order_at(self.step);
-        let chunk = if self.model.batches_tasks() && tasks.iter().all(Task::is_regression) {
-            match self.config.task_chunk {
-                0 => tasks.len().div_ceil(2).max(1),
-                c => c,
-            }
-        } else {
-            1
-        };
+        let chunk = Task::chunk_size(tasks, self.config.task_chunk, self.model.batches_tasks());
         let groups: Vec<&[Task<F>]> = tasks.chunks(chunk).collect();
         let per_group = map_tasks(groups.len(), self.config.parallel_iterations, |i| {
             self.run_group(groups[i], second_order)
@@ -634,7 +503,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             .tensors()
             .iter()
             .map(|p| ArrayD::zeros(p.raw_dim()));
-        let b = Self::reduce(zeros.collect(), per_group, n, |g, r| *g += r);
+        let b = Self::reduce(zeros.collect(), per_group, n, F::one());
         let inv = F::c(1.0 / n as f64);
         let mut update = b.sums;
         update.iter_mut().for_each(|g| g.mapv_inplace(|v| v * inv));
@@ -649,22 +518,20 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         })
     }
 
-    /// Folds per-group results in task order into `sums`: `fold(sum, result)` for each
-    /// tensor, the losses and accuracies summed and averaged over `n` tasks, the
-    /// statistics appended.
+    /// Folds per-group results in task order into `sums` (`sum += scale · result`, the
+    /// mapper's reduction), the losses and accuracies summed and averaged over `n` tasks,
+    /// the statistics appended.
     fn reduce(
         mut sums: Vec<ArrayD<F>>,
         per_group: Vec<GroupResult<F>>,
         n: usize,
-        fold: impl Fn(&mut ArrayD<F>, &ArrayD<F>),
+        scale: F,
     ) -> Reduced<F> {
+        accumulate_in_order(&mut sums, per_group.iter().map(|r| &r.result), scale);
         let (mut loss, mut acc, mut has_acc) = (0.0, 0.0, false);
         let mut observed = Vec::new();
         // Each entry's loss is the sum over its tasks (one task, or a chunk).
         for r in per_group {
-            for (s, x) in sums.iter_mut().zip(&r.result) {
-                fold(s, x);
-            }
             loss += r.loss;
             if let Some(a) = r.accuracy {
                 acc += a;
@@ -816,32 +683,20 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             let theta = self.params.place(&mut t);
             let net = &theta[..self.net_len];
             let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
-            let xs = t.constant(task.support_x.clone());
-            let traj = adapt(
-                &mut t,
-                &self.model,
-                net,
-                &[],
-                InnerRule::Sgd,
-                self.config.inner_lr,
-                steps,
-                false,
-                xs,
-                &task.support_y,
-                &mut ctx,
-            );
-            let last = traj.last().expect("trajectory");
-            let xq = t.constant(task.query_x.clone());
-            let out = predict(&mut t, &self.model, last, xq, xs, steps, &mut ctx);
-            let l = task.query_y.loss(&mut t, out);
-            let acc = task.query_y.accuracy(t.value(out));
+            let inner = InnerLoop {
+                rule: InnerRule::Sgd,
+                ..self.inner_loop(steps, false)
+            };
+            let run = inner.episode(&mut t, net, &[], task, &last_step_only(steps), &mut ctx);
+            let last = run.trajectory.last().expect("trajectory");
+            let acc = task.query_y.accuracy(t.value(run.query_out));
             // φ for the network; the learned rates (if any) do not move.
             let phi: Vec<ArrayD<F>> = last
                 .iter()
                 .map(|v| t.value(*v).clone())
                 .chain(self.params.tensors()[self.net_len..].iter().cloned())
                 .collect();
-            let loss = t.item(l);
+            let loss = t.item(run.loss);
             GroupResult {
                 finite: loss.is_finite() && phi.iter().all(all_finite),
                 result: phi,
@@ -855,9 +710,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let inv = F::c(1.0 / n as f64);
         // θ − mean(φ), accumulated as θ − Σ φ/n in task order.
         let theta = self.params.tensors().to_vec();
-        let b = Self::reduce(theta, per_task, n, |d, phi| {
-            d.zip_mut_with(phi, |d, &p| *d -= p * inv)
-        });
+        let b = Self::reduce(theta, per_task, n, -inv);
         let batch = BatchResult {
             update: b.sums,
             stats: b.stats,
@@ -910,26 +763,11 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let theta = self.params.place(&mut t);
         let (net, rates) = theta.split_at(self.net_len);
         let mut ctx = Ctx::new(mode).with_running(&self.norm);
-        let xs = t.constant(task.support_x.clone());
-        let traj = adapt(
-            &mut t,
-            &self.model,
-            net,
-            rates,
-            self.config.rule,
-            self.config.inner_lr,
-            steps,
-            false,
-            xs,
-            &task.support_y,
-            &mut ctx,
-        );
-        let last = traj.last().expect("trajectory").clone();
-        let xq = t.constant(task.query_x.clone());
-        t.no_grad(|t| {
-            let out = predict(t, &self.model, &last, xq, xs, steps, &mut ctx);
-            let l = task.query_y.loss(t, out);
-            (t.item(l), task.query_y.accuracy(t.value(out)))
-        })
+        let inner = self.inner_loop(steps, false);
+        let run = inner.episode(&mut t, net, rates, task, &last_step_only(steps), &mut ctx);
+        (
+            t.item(run.loss),
+            task.query_y.accuracy(t.value(run.query_out)),
+        )
     }
 }

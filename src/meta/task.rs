@@ -1,9 +1,97 @@
 //! One few-shot task as the meta-learners take it.
 
 use crate::data::{cast, Episode, EpisodeBatch, SinusoidBatch};
-use crate::nn::Targets;
-use crate::{Error, Float, Result};
+use crate::{Error, Float, Result, Tape, Var};
 use ndarray::{ArrayD, Axis};
+
+/// Task targets: class indices or class-probability rows (softmax cross-entropy), or
+/// values (mean-squared error).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets<F> {
+    /// Class indices, one per example (sparse labels).
+    Classes(Vec<usize>),
+    /// One row of class probabilities per example, `[N, K]`: one-hot or soft labels
+    /// (dense labels). One-hot rows give the same loss, gradients and meta-gradients as
+    /// [`Targets::Classes`].
+    Probabilities(ArrayD<F>),
+    /// Regression targets, shaped like the network's output.
+    Values(ArrayD<F>),
+    /// Regression targets of several tasks stacked along dimension 0 (a task batch):
+    /// the loss is the *sum* over tasks of each task's mean-squared error, so its
+    /// gradient with respect to stacked per-task parameters is each task's own gradient.
+    StackedValues(ArrayD<F>),
+}
+
+impl<F: Float> Targets<F> {
+    /// The task loss: softmax cross-entropy for classes (sparse) and probabilities
+    /// (dense), mean-squared error for values.
+    ///
+    /// # Panics
+    /// If the output does not fit the targets (the tape op's shape panic).
+    #[track_caller]
+    pub fn loss(&self, t: &mut Tape<F>, output: Var) -> Var {
+        match self {
+            Targets::Classes(c) => t.sparse_cross_entropy(output, c),
+            Targets::Probabilities(p) => {
+                let y = t.constant(p.clone());
+                t.cross_entropy(output, y)
+            }
+            Targets::Values(v) => {
+                let y = t.constant(v.clone());
+                t.mse(output, y)
+            }
+            Targets::StackedValues(v) => {
+                let per_task = v.len() / v.shape().first().copied().unwrap_or(1).max(1);
+                let y = t.constant(v.clone());
+                let d = t.sub(output, y);
+                let d2 = t.square(d);
+                let s = t.sum(d2);
+                t.mul_scalar(s, 1.0 / per_task.max(1) as f64)
+            }
+        }
+    }
+
+    /// Number of examples (rows) the targets cover.
+    pub fn len(&self) -> usize {
+        match self {
+            Targets::Classes(c) => c.len(),
+            Targets::Probabilities(v) | Targets::Values(v) => {
+                v.shape().first().copied().unwrap_or(1)
+            }
+            Targets::StackedValues(v) => v.shape().get(1).copied().unwrap_or(1),
+        }
+    }
+
+    /// Whether the targets cover no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fraction of rows whose arg-max is the class (for [`Targets::Probabilities`], the
+    /// row's most probable class); `None` for regression. A row with a NaN output counts
+    /// as a miss.
+    pub fn accuracy(&self, output: &ArrayD<F>) -> Option<f64> {
+        let argmax = |row: &[F]| (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        // The predicted class of an output row; none where the row holds a NaN.
+        let predicted = |row: &[F]| (!row.iter().any(|v| v.is_nan())).then(|| argmax(row));
+        let k = output.shape()[1].max(1);
+        let rows = output.as_slice()?.chunks_exact(k);
+        let hits = match self {
+            Targets::Classes(c) => rows
+                .zip(c)
+                .filter(|(row, &y)| predicted(row) == Some(y))
+                .count(),
+            Targets::Probabilities(p) => {
+                let labels = p.as_slice()?.chunks_exact(p.shape()[1].max(1));
+                rows.zip(labels)
+                    .filter(|(row, y)| predicted(row) == Some(argmax(y)))
+                    .count()
+            }
+            Targets::Values(_) | Targets::StackedValues(_) => return None,
+        };
+        Some(hits as f64 / self.len().max(1) as f64)
+    }
+}
 
 /// A task: a support set to adapt on and a query set to evaluate on.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +202,21 @@ impl<F: Float> Task<F> {
             }
         }
         Ok(())
+    }
+
+    /// How many tasks of `tasks` share one tape: `task_chunk` (0: half the meta-batch,
+    /// rounded up) for models that [batch tasks](crate::nn::Model::batches_tasks) when
+    /// every task is a regression task, else 1. It depends only on these, never on the
+    /// thread count, so results stay thread-independent.
+    pub fn chunk_size(tasks: &[Task<F>], task_chunk: usize, model_batches: bool) -> usize {
+        if model_batches && tasks.iter().all(Task::is_regression) {
+            match task_chunk {
+                0 => tasks.len().div_ceil(2).max(1),
+                c => c,
+            }
+        } else {
+            1
+        }
     }
 
     /// Regression tasks of equal shapes stacked along a new dimension 0, as one task

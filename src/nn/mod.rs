@@ -24,6 +24,6 @@ pub mod models;
 pub mod norm;
 mod params;
 
-pub use models::{Conv4, Downsample, Mlp, Model, NormKind, Targets};
+pub use models::{Conv4, Downsample, Mlp, Model, NormKind};
 pub use norm::{Ctx, NormMode, NormState, Observed, RunningStats};
 pub use params::Params;

@@ -1,7 +1,9 @@
 //! Ready networks: the sinusoid MLP and Conv-4, and the [`Model`] trait they share.
 
 use super::layers::{conv2d, flatten, linear};
-use super::norm::{batch_norm, batch_norm_relu_max_pool, group_norm, task_norm, Ctx, Observed};
+use super::norm::{
+    batch_norm, batch_norm_relu_max_pool2d, group_norm, task_norm, Affine, Ctx, Observed,
+};
 use super::Params;
 use crate::{Float, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
@@ -36,7 +38,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// ```
 /// use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Task};
-/// use metagrad::nn::{Ctx, Model, Params, Targets};
+/// use metagrad::meta::Targets;
+/// use metagrad::nn::{Ctx, Model, Params};
 /// use metagrad::ndarray::{ArrayD, IxDyn};
 /// use metagrad::{Tape, Var};
 ///
@@ -120,95 +123,6 @@ pub trait Model<F: Float>: Send + Sync {
     /// small tasks in chunks on one tape ([`MetaConfig::task_chunk`](crate::meta::MetaConfig)).
     fn batches_tasks(&self) -> bool {
         false
-    }
-}
-
-/// Task targets: class indices or class-probability rows (softmax cross-entropy), or
-/// values (mean-squared error).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Targets<F> {
-    /// Class indices, one per example (sparse labels).
-    Classes(Vec<usize>),
-    /// One row of class probabilities per example, `[N, K]`: one-hot or soft labels
-    /// (dense labels). One-hot rows give the same loss, gradients and meta-gradients as
-    /// [`Targets::Classes`].
-    Probabilities(ArrayD<F>),
-    /// Regression targets, shaped like the network's output.
-    Values(ArrayD<F>),
-    /// Regression targets of several tasks stacked along dimension 0 (a task batch):
-    /// the loss is the *sum* over tasks of each task's mean-squared error, so its
-    /// gradient with respect to stacked per-task parameters is each task's own gradient.
-    StackedValues(ArrayD<F>),
-}
-
-impl<F: Float> Targets<F> {
-    /// The task loss: softmax cross-entropy for classes (sparse) and probabilities
-    /// (dense), mean-squared error for values.
-    ///
-    /// # Panics
-    /// If the output does not fit the targets (the tape op's shape panic).
-    #[track_caller]
-    pub fn loss(&self, t: &mut Tape<F>, output: Var) -> Var {
-        match self {
-            Targets::Classes(c) => t.sparse_cross_entropy(output, c),
-            Targets::Probabilities(p) => {
-                let y = t.constant(p.clone());
-                t.cross_entropy(output, y)
-            }
-            Targets::Values(v) => {
-                let y = t.constant(v.clone());
-                t.mse(output, y)
-            }
-            Targets::StackedValues(v) => {
-                let per_task = v.len() / v.shape().first().copied().unwrap_or(1).max(1);
-                let y = t.constant(v.clone());
-                let d = t.sub(output, y);
-                let d2 = t.square(d);
-                let s = t.sum(d2);
-                t.mul_scalar(s, 1.0 / per_task.max(1) as f64)
-            }
-        }
-    }
-
-    /// Number of examples (rows) the targets cover.
-    pub fn len(&self) -> usize {
-        match self {
-            Targets::Classes(c) => c.len(),
-            Targets::Probabilities(v) | Targets::Values(v) => {
-                v.shape().first().copied().unwrap_or(1)
-            }
-            Targets::StackedValues(v) => v.shape().get(1).copied().unwrap_or(1),
-        }
-    }
-
-    /// Whether the targets cover no example.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Fraction of rows whose arg-max is the class (for [`Targets::Probabilities`], the
-    /// row's most probable class); `None` for regression. A row with a NaN output counts
-    /// as a miss.
-    pub fn accuracy(&self, output: &ArrayD<F>) -> Option<f64> {
-        let argmax = |row: &[F]| (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
-        // The predicted class of an output row; none where the row holds a NaN.
-        let predicted = |row: &[F]| (!row.iter().any(|v| v.is_nan())).then(|| argmax(row));
-        let k = output.shape()[1].max(1);
-        let rows = output.as_slice()?.chunks_exact(k);
-        let hits = match self {
-            Targets::Classes(c) => rows
-                .zip(c)
-                .filter(|(row, &y)| predicted(row) == Some(y))
-                .count(),
-            Targets::Probabilities(p) => {
-                let labels = p.as_slice()?.chunks_exact(p.shape()[1].max(1));
-                rows.zip(labels)
-                    .filter(|(row, y)| predicted(row) == Some(argmax(y)))
-                    .count()
-            }
-            Targets::Values(_) | Targets::StackedValues(_) => return None,
-        };
-        Some(hits as f64 / self.len().max(1) as f64)
     }
 }
 
@@ -444,6 +358,12 @@ impl<F: Float> Model<F> for Conv4 {
             Downsample::MaxPool => 1,
             Downsample::Strided => 2,
         };
+        // A block's parameters: conv weight and bias, then the norm's γ and β.
+        let affine = |q: &[Var]| Affine {
+            gamma: q[2],
+            beta: q[3],
+            eps: self.eps,
+        };
         let mut h = x;
         for b in 0..4 {
             let q = &p[b * bp..(b + 1) * bp];
@@ -455,13 +375,17 @@ impl<F: Float> Model<F> for Conv4 {
                 NormKind::None => h,
                 NormKind::Batch { per_step } => {
                     let s = per_step.map_or(0, |k| ctx.step.min(k - 1));
-                    let (g, be) = (q[2 + 2 * s], q[3 + 2 * s]);
+                    let affine = Affine {
+                        gamma: q[2 + 2 * s],
+                        beta: q[3 + 2 * s],
+                        eps: self.eps,
+                    };
                     let running = ctx.running.map(|r| r.get(b, s));
                     let (y, obs) = if max_pool {
                         pooled = true;
-                        batch_norm_relu_max_pool(t, h, g, be, ctx.mode, running, self.eps, 2)
+                        batch_norm_relu_max_pool2d(t, h, affine, ctx.mode, running, 2)
                     } else {
-                        batch_norm(t, h, g, be, ctx.mode, running, self.eps)
+                        batch_norm(t, h, affine, ctx.mode, running)
                     };
                     if let Some((mean, var)) = obs {
                         ctx.observed.push(Observed {
@@ -473,9 +397,9 @@ impl<F: Float> Model<F> for Conv4 {
                     }
                     y
                 }
-                NormKind::Group { groups } => group_norm(t, h, q[2], q[3], groups, self.eps),
-                NormKind::Layer => group_norm(t, h, q[2], q[3], 1, self.eps),
-                NormKind::Instance => group_norm(t, h, q[2], q[3], self.filters, self.eps),
+                NormKind::Group { groups } => group_norm(t, h, affine(q), groups),
+                NormKind::Layer => group_norm(t, h, affine(q), 1),
+                NormKind::Instance => group_norm(t, h, affine(q), self.filters),
                 NormKind::TaskNorm => {
                     let context = if ctx.record_context {
                         None
@@ -487,7 +411,7 @@ impl<F: Float> Model<F> for Conv4 {
                             )
                         }))
                     };
-                    let (y, used) = task_norm(t, h, q[2], q[3], q[4], q[5], context, self.eps);
+                    let (y, used) = task_norm(t, h, affine(q), (q[4], q[5]), context);
                     if ctx.record_context {
                         ctx.context[b] = Some(used);
                     }

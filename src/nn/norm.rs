@@ -20,6 +20,19 @@
 use crate::{Float, Tape, Var};
 use serde::{Deserialize, Serialize};
 
+/// A normalisation layer's learnable per-channel affine map `γ · x̂ + β` (`gamma` and
+/// `beta`, tape variables of shape `[C]`) and the `eps` added to its variances: what every
+/// normalisation below takes besides its input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    /// Per-channel scale γ, `[C]`.
+    pub gamma: Var,
+    /// Per-channel shift β, `[C]`.
+    pub beta: Var,
+    /// Added to the variance before its square root.
+    pub eps: f64,
+}
+
 /// Which statistics a batch norm uses (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NormMode {
@@ -191,7 +204,8 @@ fn normalise<F: Float>(
     t.add(y, shift)
 }
 
-/// Per-channel `(mean, unbiased variance)` of a batch.
+/// Per-channel `(mean, unbiased variance)` of a batch, as a batch norm in
+/// [`NormMode::Train`] reports it (the model files it as an [`Observed`]).
 pub type ChannelStats<F> = (Vec<F>, Vec<F>);
 
 /// Batch normalisation over every axis but the channel axis 1 (`[N, C]` or
@@ -205,16 +219,14 @@ pub type ChannelStats<F> = (Vec<F>, Vec<F>);
 /// are no statistics to normalise with, and silently using the batch's own would be
 /// transductive.
 #[track_caller]
-#[allow(clippy::too_many_arguments)]
 pub fn batch_norm<F: Float>(
     t: &mut Tape<F>,
     x: Var,
-    gamma: Var,
-    beta: Var,
+    affine: Affine,
     mode: NormMode,
     running: Option<&RunningStats<F>>,
-    eps: f64,
 ) -> (Var, Option<ChannelStats<F>>) {
+    let Affine { gamma, beta, eps } = affine;
     t.check_norm_affine("batch_norm", x, gamma, beta);
     let shape = t.shape(x).to_vec();
     let cs = channel_shape(&shape);
@@ -240,31 +252,29 @@ pub fn batch_norm<F: Float>(
 }
 
 /// [`batch_norm`], then ReLU and `k × k` max-pooling with stride `k` (`x: [N, C, H, W]`).
-/// With batch statistics the three run as one fused op
-/// ([`Tape::batch_norm_relu_max_pool2d`]); the result is the same as the three layers
-/// one after another.
+/// With batch statistics the three run as one fused op (the tape op of the same name,
+/// [`Tape::batch_norm_relu_max_pool2d`]); the result is the same as the three layers one
+/// after another.
 ///
 /// # Panics
 /// As [`batch_norm`] and [`Tape::max_pool2d`].
 #[track_caller]
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm_relu_max_pool<F: Float>(
+pub fn batch_norm_relu_max_pool2d<F: Float>(
     t: &mut Tape<F>,
     x: Var,
-    gamma: Var,
-    beta: Var,
+    affine: Affine,
     mode: NormMode,
     running: Option<&RunningStats<F>>,
-    eps: f64,
     k: usize,
 ) -> (Var, Option<ChannelStats<F>>) {
     match mode {
         NormMode::Inductive => {
-            let (y, obs) = batch_norm(t, x, gamma, beta, mode, running, eps);
+            let (y, obs) = batch_norm(t, x, affine, mode, running);
             (t.relu_max_pool2d(y, k, k), obs)
         }
         NormMode::Train | NormMode::Transductive => {
             let shape = t.shape(x).to_vec();
+            let Affine { gamma, beta, eps } = affine;
             let (y, stats) = t.batch_norm_relu_max_pool2d(x, gamma, beta, eps, k, k);
             (y, observed(mode, &shape, &stats))
         }
@@ -294,14 +304,8 @@ fn observed<F: Float>(
 /// # Panics
 /// If `C` is not divisible by `groups`.
 #[track_caller]
-pub fn group_norm<F: Float>(
-    t: &mut Tape<F>,
-    x: Var,
-    gamma: Var,
-    beta: Var,
-    groups: usize,
-    eps: f64,
-) -> Var {
+pub fn group_norm<F: Float>(t: &mut Tape<F>, x: Var, affine: Affine, groups: usize) -> Var {
+    let Affine { gamma, beta, eps } = affine;
     t.check_norm_affine("group_norm", x, gamma, beta);
     let shape = t.shape(x).to_vec();
     assert!(
@@ -337,19 +341,16 @@ pub fn group_norm<F: Float>(
 /// With `context = None` this pass *is* the context pass: the batch's statistics are the
 /// context, and they are returned for later passes (the query set) to use. A query
 /// example's output then depends only on itself and the support set: not transductive.
-/// `scale` and `offset` are 0-dimensional parameters.
+/// `blend` is `(scale, offset)`, 0-dimensional parameters.
 #[track_caller]
-#[allow(clippy::too_many_arguments)]
 pub fn task_norm<F: Float>(
     t: &mut Tape<F>,
     x: Var,
-    gamma: Var,
-    beta: Var,
-    scale: Var,
-    offset: Var,
+    affine: Affine,
+    (scale, offset): (Var, Var),
     context: Option<(Var, Var, usize)>,
-    eps: f64,
 ) -> (Var, (Var, Var, usize)) {
+    let Affine { gamma, beta, eps } = affine;
     t.check_norm_affine("task_norm", x, gamma, beta);
     let shape = t.shape(x).to_vec();
     assert!(

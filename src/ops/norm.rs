@@ -101,9 +101,8 @@ impl<F: Float> Tape<F> {
     /// stored, only the pooled one, and the backward pass reads the pooled gradient
     /// directly. `x` is `[N, C, H, W]`.
     ///
-    /// Named after the ops it fuses (`max_pool2d`, `relu_max_pool2d`); the layer that takes
-    /// a [`NormMode`](crate::nn::NormMode) and calls it is
-    /// [`crate::nn::norm::batch_norm_relu_max_pool`].
+    /// The layer of the same name that takes a [`NormMode`](crate::nn::NormMode) and calls
+    /// it is [`crate::nn::norm::batch_norm_relu_max_pool2d`].
     ///
     /// # Panics
     /// As [`Tape::batch_norm_batch_stats`] and [`Tape::max_pool2d`].

@@ -189,7 +189,7 @@ fn part2(rng: &mut ChaCha8Rng) -> Result<serde_json::Value, Box<dyn Error>> {
         for (p, d) in l.params.tensors_mut().iter_mut().zip(shift) {
             p.scaled_add(scale, d);
         }
-        l.evaluate(&task, inner_steps, NormMode::Transductive)
+        l.evaluate_task(&task, inner_steps, NormMode::Transductive)
             .expect("a finite loss near the learned parameters")
             .0
     };

@@ -344,7 +344,7 @@ fn evaluate(learner: &Learner, tasks: &[Task<f32>]) -> Result<Vec<Stat>, Box<dyn
         .iter()
         .map(|&s| {
             let losses = map_tasks(tasks.len(), usize::MAX, |i| {
-                match learner.evaluate(&tasks[i], s, NormMode::Transductive) {
+                match learner.evaluate_task(&tasks[i], s, NormMode::Transductive) {
                     Ok((mse, _)) => Ok(mse),
                     // The adaptation diverged on this task: counted, left out of the mean.
                     Err(metagrad::Error::NonFinite { .. }) => Ok(f64::INFINITY),

@@ -72,8 +72,8 @@
 //! # Ok::<(), metagrad::Error>(())
 //! ```
 
-use crate::data::Rng;
-use crate::meta::{MetaConfig, MetaLearner, Optimizer, Rule};
+use crate::data::SamplerRng;
+use crate::meta::{MetaConfig, MetaLearner, Optimizer, OuterRule};
 use crate::nn::{Model, NormState, Params, RunningStats};
 use crate::{Error, Float, Result};
 use ndarray::{ArrayD, IxDyn};
@@ -119,7 +119,7 @@ pub struct Checkpoint<F: Float> {
     pub config: MetaConfig,
     /// The state of the task sampler's random number generator, so that resuming draws
     /// the same tasks an uninterrupted run would.
-    pub rng: Rng,
+    pub rng: SamplerRng,
     /// Where this checkpoint was loaded from (not stored in the file); named in
     /// [`restore`](Self::restore)'s errors.
     origin: Option<PathBuf>,
@@ -147,7 +147,7 @@ impl<F: Float> Checkpoint<F> {
     pub fn capture<M: Model<F> + Debug>(
         learner: &MetaLearner<F, M>,
         optimizer: &Optimizer<F>,
-        rng: &Rng,
+        rng: &SamplerRng,
     ) -> Self {
         Checkpoint {
             model: describe_model(&learner.model),
@@ -244,7 +244,7 @@ impl<F: Float> Checkpoint<F> {
     pub fn restore<M: Model<F> + Debug>(
         self,
         learner: &mut MetaLearner<F, M>,
-    ) -> Result<(Optimizer<F>, Rng)> {
+    ) -> Result<(Optimizer<F>, SamplerRng)> {
         self.check_matches(learner)?;
         let parallel_iterations = learner.config.parallel_iterations;
         learner.params = self.params;
@@ -551,7 +551,7 @@ struct FileRepr {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     skipped_steps: Option<u64>,
     config: MetaConfig,
-    rng: Rng,
+    rng: SamplerRng,
     params: Vec<NamedTensorRepr>,
     norm: NormRepr,
     optimizer: OptimizerRepr,
@@ -560,8 +560,8 @@ struct FileRepr {
 impl FileRepr {
     fn from_checkpoint<F: Float>(c: &Checkpoint<F>) -> Self {
         let rule = match &c.optimizer.rule {
-            Rule::Sgd => RuleRepr::Sgd,
-            Rule::Adam {
+            OuterRule::Sgd => RuleRepr::Sgd,
+            OuterRule::Adam {
                 beta1,
                 beta2,
                 eps,
@@ -667,14 +667,14 @@ impl FileRepr {
                     .collect()
             };
         let rule = match &self.optimizer.rule {
-            RuleRepr::Sgd => Rule::Sgd,
+            RuleRepr::Sgd => OuterRule::Sgd,
             RuleRepr::Adam {
                 beta1,
                 beta2,
                 eps,
                 m,
                 v,
-            } => Rule::Adam {
+            } => OuterRule::Adam {
                 beta1: *beta1,
                 beta2: *beta2,
                 eps: *eps,

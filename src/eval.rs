@@ -119,7 +119,7 @@ fn per_task<F: Float, M: Model<F>>(
 ) -> Result<Vec<(f64, f64)>> {
     check_running_stats(learner, mode)?;
     let results = map_tasks(tasks.len(), parallel_iterations, |i| {
-        learner.evaluate(&tasks[i], steps, mode)
+        learner.evaluate_task(&tasks[i], steps, mode)
     })?;
     // The first failing task, numbered in the whole evaluation.
     let results = results

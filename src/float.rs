@@ -27,7 +27,9 @@ pub trait Float:
     + DeserializeOwned
     + 'static
 {
-    /// Converts an `f64` constant to this type (rounding for `f32`).
+    /// Converts an `f64` constant to this type (rounding for `f32`): `F::c(0.5)`. Short
+    /// because constants are written inside formulas, where `F::from_f64(0.5).unwrap()`
+    /// would hide the maths (and `FromPrimitive::from_f64` is already taken).
     fn c(v: f64) -> Self;
     /// Widens to `f64`.
     fn f64(self) -> f64;

@@ -3,9 +3,9 @@
 
 use metagrad::checkpoint::{Checkpoint, FORMAT_VERSION, OLDEST_FORMAT_VERSION};
 use metagrad::data::{
-    rng_from_seed, Rng, SinusoidBatch, SinusoidConfig, SinusoidSampler, SinusoidTask,
+    rng_from_seed, SamplerRng, SinusoidBatch, SinusoidConfig, SinusoidSampler, SinusoidTask,
 };
-use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Rule, Task};
+use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, OuterRule, Task};
 use metagrad::nn::{Conv4, Ctx, Mlp, Model, NormState, Observed, Params};
 use metagrad::{Error, Float, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
@@ -34,7 +34,7 @@ fn listing(dir: &Path) -> Vec<String> {
 }
 
 /// Draws a sinusoid meta-batch from a caller-held generator (so it can be checkpointed).
-fn sinusoid_tasks<F: Float>(rng: &mut Rng, tasks: usize) -> Vec<Task<F>> {
+fn sinusoid_tasks<F: Float>(rng: &mut SamplerRng, tasks: usize) -> Vec<Task<F>> {
     let config = SinusoidConfig::default();
     let list: Vec<SinusoidTask> = (0..tasks)
         .map(|_| SinusoidTask::sample(rng, &config, 10, 10))
@@ -44,7 +44,7 @@ fn sinusoid_tasks<F: Float>(rng: &mut Rng, tasks: usize) -> Vec<Task<F>> {
 
 /// A learner and optimiser after a few meta-steps, so that every part of the state
 /// (parameters, Adam moments, step counts, generator) is non-trivial.
-fn trained<F: Float>(steps: usize) -> (MetaLearner<F, Mlp>, Optimizer<F>, Rng) {
+fn trained<F: Float>(steps: usize) -> (MetaLearner<F, Mlp>, Optimizer<F>, SamplerRng) {
     let mut learner = MetaLearner::<F, _>::new(Mlp::sinusoid(), MetaConfig::maml(1, 0.01), 3);
     let mut opt = Optimizer::adam(1e-3);
     let mut rng = rng_from_seed(11);
@@ -367,7 +367,7 @@ fn a_different_model_is_refused_with_the_parameter_named() {
 fn run<F: Float, M: Model<F>>(
     learner: &mut MetaLearner<F, M>,
     opt: &mut Optimizer<F>,
-    rng: &mut Rng,
+    rng: &mut SamplerRng,
     steps: usize,
 ) {
     for _ in 0..steps {
@@ -529,12 +529,12 @@ fn run_sinusoid<M: Model<f32>>(
 fn assert_optimizers_bitwise<F: Float>(a: &Optimizer<F>, b: &Optimizer<F>) {
     assert_eq!(a, b);
     match (&a.rule, &b.rule) {
-        (Rule::Adam { m: m1, v: v1, .. }, Rule::Adam { m: m2, v: v2, .. }) => {
+        (OuterRule::Adam { m: m1, v: v1, .. }, OuterRule::Adam { m: m2, v: v2, .. }) => {
             assert!(!m1.is_empty(), "Adam has state after training");
             assert_bitwise(m1, m2);
             assert_bitwise(v1, v2);
         }
-        (Rule::Sgd, Rule::Sgd) => {}
+        (OuterRule::Sgd, OuterRule::Sgd) => {}
         _ => panic!("different optimiser rules"),
     }
 }
@@ -697,7 +697,7 @@ fn v1_fixture() -> PathBuf {
 
 /// The state stored in `tests/fixtures/checkpoint-v1.json`: a tiny MLP after two
 /// second-order MAML meta-steps with Adam on sinusoid tasks.
-fn v1_fixture_state() -> (MetaLearner<f32, Mlp>, Optimizer<f32>, Rng) {
+fn v1_fixture_state() -> (MetaLearner<f32, Mlp>, Optimizer<f32>, SamplerRng) {
     let model = Mlp {
         sizes: vec![1, 4, 1],
     };
@@ -781,7 +781,7 @@ fn v1_fixture_loads_and_resumes() {
         assert_bitwise(std::slice::from_ref(t), &[want]);
     }
     match &checkpoint.optimizer.rule {
-        Rule::Adam {
+        OuterRule::Adam {
             beta1,
             beta2,
             eps,
@@ -795,7 +795,7 @@ fn v1_fixture_loads_and_resumes() {
             assert_eq!(v[3].iter().next().unwrap().to_bits(), 0x39ed4530);
             assert_eq!(m[0].shape(), &[4, 1]);
         }
-        Rule::Sgd => panic!("the fixture holds Adam"),
+        OuterRule::Sgd => panic!("the fixture holds Adam"),
     }
 
     // Into a matching learner (initialised differently, with a stale skip count).

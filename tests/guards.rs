@@ -305,13 +305,13 @@ fn degenerate_requests_are_refused_before_any_state_changes() {
 fn evaluation_reports_errors_instead_of_numbers_or_panics() {
     let tasks: Vec<Task<f32>> = image_tasks(2, 10);
     let (l, _) = trained(small_conv(), &tasks, false);
-    let (loss, acc) = l.evaluate(&tasks[0], 2, NormMode::Inductive).unwrap();
+    let (loss, acc) = l.evaluate_task(&tasks[0], 2, NormMode::Inductive).unwrap();
     assert!(loss.is_finite() && acc.is_some());
 
     let mut nan = tasks[0].clone();
     poison(&mut nan.support_x, 5, f32::NAN);
     assert!(matches!(
-        l.evaluate(&nan, 2, NormMode::Inductive),
+        l.evaluate_task(&nan, 2, NormMode::Inductive),
         Err(Error::NonFinite {
             during: "evaluate",
             ..
@@ -319,7 +319,7 @@ fn evaluation_reports_errors_instead_of_numbers_or_panics() {
     ));
     let mut bad_label = tasks[0].clone();
     bad_label.query_y = Targets::Classes(vec![0, 1, 2, 0, 1, 7]);
-    match l.evaluate(&bad_label, 2, NormMode::Inductive) {
+    match l.evaluate_task(&bad_label, 2, NormMode::Inductive) {
         Err(Error::Task { message, .. }) => assert!(message.contains("label 7"), "{message}"),
         r => panic!("expected a task error, got {r:?}"),
     }
@@ -327,7 +327,7 @@ fn evaluation_reports_errors_instead_of_numbers_or_panics() {
     empty.query_x = ArrayD::zeros(IxDyn(&[0, 1, 16, 16]));
     empty.query_y = Targets::Classes(vec![]);
     assert!(matches!(
-        l.evaluate(&empty, 2, NormMode::Inductive),
+        l.evaluate_task(&empty, 2, NormMode::Inductive),
         Err(Error::Config(_))
     ));
     // The protocol names the task within the whole evaluation.

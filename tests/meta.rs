@@ -294,7 +294,7 @@ fn a_few_hundred_meta_steps_of_maml_learn_to_adapt_on_sinusoids() {
         test.iter()
             .map(|t| {
                 learner
-                    .evaluate(t, steps, NormMode::Transductive)
+                    .evaluate_task(t, steps, NormMode::Transductive)
                     .unwrap()
                     .0
             })
@@ -357,10 +357,10 @@ fn evaluation_with_more_steps_than_training_uses_learned_rates() {
         17,
     );
     let (l0, _) = learner
-        .evaluate(&tasks[0], 0, NormMode::Transductive)
+        .evaluate_task(&tasks[0], 0, NormMode::Transductive)
         .unwrap();
     let (l5, _) = learner
-        .evaluate(&tasks[0], 5, NormMode::Transductive)
+        .evaluate_task(&tasks[0], 5, NormMode::Transductive)
         .unwrap();
     assert!(l5 < l0);
 }

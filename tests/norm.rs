@@ -178,7 +178,7 @@ fn meta_training_updates_running_statistics_and_evaluation_does_not() {
     assert!(learner.norm.stats.iter().all(|l| l[0].updates > 0));
     let after_training = learner.norm.clone();
     for mode in [NormMode::Transductive, NormMode::Inductive] {
-        learner.evaluate(&tasks[0], 3, mode).unwrap();
+        learner.evaluate_task(&tasks[0], 3, mode).unwrap();
         assert_eq!(
             learner.norm, after_training,
             "evaluation in {mode} mode changed statistics"

@@ -52,7 +52,7 @@ use ndarray::{
 };
 use rand::seq::{index, SliceRandom};
 
-use super::{rng_from_seed, Rng};
+use super::{rng_from_seed, SamplerRng};
 use crate::{Error, Result};
 
 /// One class of a collection: a range of rows of the image array, seen under a rotation.
@@ -411,7 +411,7 @@ struct TaskPlan {
 pub struct EpisodeSampler<'a> {
     collection: &'a ImageCollection,
     spec: EpisodeSpec,
-    rng: Rng,
+    rng: SamplerRng,
 }
 
 impl<'a> EpisodeSampler<'a> {
@@ -424,7 +424,11 @@ impl<'a> EpisodeSampler<'a> {
     }
 
     /// Like [`new`](Self::new), with a caller-provided random number generator.
-    pub fn with_rng(collection: &'a ImageCollection, spec: EpisodeSpec, rng: Rng) -> Result<Self> {
+    pub fn with_rng(
+        collection: &'a ImageCollection,
+        spec: EpisodeSpec,
+        rng: SamplerRng,
+    ) -> Result<Self> {
         spec.validate(collection)?;
         Ok(EpisodeSampler {
             collection,
@@ -446,7 +450,7 @@ impl<'a> EpisodeSampler<'a> {
     /// The random number generator's current state: saved in a checkpoint, it lets
     /// [`with_rng`](Self::with_rng) continue with exactly the episodes this sampler would
     /// draw next.
-    pub fn rng(&self) -> &Rng {
+    pub fn rng(&self) -> &SamplerRng {
         &self.rng
     }
 

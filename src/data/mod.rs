@@ -51,10 +51,10 @@ use rand_chacha::ChaCha8Rng;
 ///
 /// ChaCha8 is portable and its output is fixed for a given seed, so tasks are
 /// reproducible across platforms and runs.
-pub type Rng = ChaCha8Rng;
+pub type SamplerRng = ChaCha8Rng;
 
-/// Creates the module's [`Rng`] from a `u64` seed.
-pub fn rng_from_seed(seed: u64) -> Rng {
+/// Creates the module's [`SamplerRng`] from a `u64` seed.
+pub fn rng_from_seed(seed: u64) -> SamplerRng {
     ChaCha8Rng::seed_from_u64(seed)
 }
 

@@ -34,7 +34,7 @@ use ndarray::{Array1, Array2, Array3, Axis};
 use rand::distributions::{Distribution, Uniform};
 use rand::Rng as _;
 
-use super::{rng_from_seed, Rng};
+use super::{rng_from_seed, SamplerRng};
 use crate::{Error, Result};
 
 /// The ranges tasks are drawn from; [`Default`] gives the MAML paper's values.
@@ -98,7 +98,7 @@ impl SinusoidTask {
     ///
     /// `config` is assumed valid (see [`SinusoidConfig::validate`]); an invalid
     /// range is clamped to its lower end instead of panicking.
-    pub fn sample(rng: &mut Rng, config: &SinusoidConfig, k: usize, q: usize) -> Self {
+    pub fn sample(rng: &mut SamplerRng, config: &SinusoidConfig, k: usize, q: usize) -> Self {
         let amplitude = uniform(rng, config.amplitude);
         let phase = uniform(rng, config.phase);
         let mut task = SinusoidTask {
@@ -246,7 +246,7 @@ pub struct SinusoidSampler {
     config: SinusoidConfig,
     k_support: usize,
     k_query: usize,
-    rng: Rng,
+    rng: SamplerRng,
 }
 
 impl SinusoidSampler {
@@ -276,7 +276,7 @@ impl SinusoidSampler {
         config: SinusoidConfig,
         k_support: usize,
         k_query: usize,
-        rng: Rng,
+        rng: SamplerRng,
     ) -> Result<Self> {
         config.validate()?;
         if k_support == 0 || k_query == 0 {
@@ -296,14 +296,14 @@ impl SinusoidSampler {
     /// The state of the sampler's random number generator: what to store in a
     /// [`Checkpoint`](crate::checkpoint::Checkpoint) so that a resumed run draws the
     /// same tasks.
-    pub fn rng(&self) -> &Rng {
+    pub fn rng(&self) -> &SamplerRng {
         &self.rng
     }
 
     /// Replaces the generator state, e.g. with one restored from a
     /// [`Checkpoint`](crate::checkpoint::Checkpoint); the next draws are those of the
     /// sampler the state was saved from (given the same config, `K` and `Q`).
-    pub fn set_rng(&mut self, rng: Rng) {
+    pub fn set_rng(&mut self, rng: SamplerRng) {
         self.rng = rng;
     }
 
@@ -343,7 +343,7 @@ impl SinusoidSampler {
 }
 
 /// A draw from `U[low, high]`; a degenerate (or invalid) range yields `low`.
-fn uniform(rng: &mut Rng, (low, high): (f32, f32)) -> f32 {
+fn uniform(rng: &mut SamplerRng, (low, high): (f32, f32)) -> f32 {
     if low < high {
         Uniform::new_inclusive(low, high).sample(rng)
     } else {

@@ -8,10 +8,11 @@
 //! | MAML++ | [`InnerRule::PerTensorPerStep`] (LSLR), plus [`MetaConfig::multi_step_loss`], [`Order::Annealed`], per-step batch norm ([`NormKind::Batch`](crate::nn::NormKind)) | |
 //! | Reptile | [`InnerRule::Sgd`] via [`MetaLearner::reptile_step`] | `θ − φ` |
 //!
-//! The inner loop ([`adapt`]) is the same for all: take the gradient of the support loss
-//! with respect to the adapted parameters — recorded on the tape for second order, as
-//! constants for first order — and apply the update rule. The meta-batch runs through
-//! [`map_tasks`], one tape per task, and the meta-gradient is
+//! One episode ([`InnerLoop::episode`]) is the same for all: adapt on the support set
+//! ([`InnerLoop::adapt`]: take the gradient of the support loss with respect to the
+//! adapted parameters — recorded on the tape for second order, as constants for first
+//! order — and apply the update rule), then score the query set. The meta-batch runs
+//! through [`map_tasks`], one tape per task, and the meta-gradient is
 //! reduced in task order, so results do not depend on the number of threads.
 //!
 //! ```
@@ -24,7 +25,7 @@
 //! let tasks = Task::from_sinusoid(&batch);
 //! let stats = learner.meta_step(&tasks, &mut opt).unwrap();
 //! assert!(stats.loss.is_finite());
-//! let (loss, _) = learner.evaluate(&tasks[0], 5, NormMode::Transductive).unwrap();
+//! let (loss, _) = learner.evaluate_task(&tasks[0], 5, NormMode::Transductive).unwrap();
 //! assert!(loss.is_finite());
 //! ```
 
@@ -33,7 +34,7 @@ mod optim;
 mod task;
 
 pub use episode::{adapted_indices, last_step_only, EpisodeRun, InnerLoop};
-pub use optim::{Optimizer, Rule};
+pub use optim::{Optimizer, OuterRule};
 pub use task::{Targets, Task};
 
 use crate::map_fn::{accumulate_in_order, map_tasks};
@@ -112,7 +113,7 @@ pub struct MetaConfig {
     /// thread-independent.
     pub task_chunk: usize,
     /// What a meta-step does when a task's loss or the meta-gradient is not finite
-    /// (NaN or ±∞): refuse with [`Error::NonFinite`](crate::Error::NonFinite) (the
+    /// (NaN or ±∞): refuse with [`Error::NonFinite`] (the
     /// default) or skip the step and count it. Either way, nothing non-finite ever
     /// reaches the parameters.
     #[serde(default)]
@@ -124,7 +125,7 @@ pub struct MetaConfig {
 /// statistics, step counter and the optimiser's state stay exactly as they were.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NonFinite {
-    /// Return [`Error::NonFinite`](crate::Error::NonFinite), naming the meta-step, the
+    /// Return [`Error::NonFinite`], naming the meta-step, the
     /// tasks and the first parameter affected.
     #[default]
     Error,
@@ -175,7 +176,7 @@ impl MetaConfig {
     /// Checks that the configuration can produce meaningful steps.
     ///
     /// # Errors
-    /// [`Error::Config`](crate::Error::Config) for an inner learning rate that is not
+    /// [`Error::Config`] for an inner learning rate that is not
     /// finite.
     pub fn validate(&self) -> Result<()> {
         if !self.inner_lr.is_finite() {
@@ -314,7 +315,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// Replaces the meta-parameters (e.g. from a checkpoint).
     ///
     /// # Errors
-    /// [`Error::Config`](crate::Error::Config) naming the first name or shape that
+    /// [`Error::Config`] naming the first name or shape that
     /// differs, or the first parameter that is not finite; the learner is then unchanged.
     pub fn set_params(&mut self, params: Params<F>) -> Result<()> {
         self.params.check_same_layout(&params)?;
@@ -381,13 +382,13 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// flagged in [`StepStats::skipped`].
     ///
     /// # Errors
-    /// - [`Error::Config`](crate::Error::Config) for an empty meta-batch, a task with an
+    /// - [`Error::Config`] for an empty meta-batch, a task with an
     ///   empty support or query set, tasks of different shapes, a learning rate that is
     ///   not finite (see [`Task::validate_batch`], [`MetaConfig::validate`],
     ///   [`Optimizer::validate`]);
-    /// - [`Error::NonFinite`](crate::Error::NonFinite) naming the meta-step, the tasks
+    /// - [`Error::NonFinite`] naming the meta-step, the tasks
     ///   and the first parameter affected (under [`NonFinite::Error`]);
-    /// - [`Error::Task`](crate::Error::Task) if a task panics (e.g. a label out of range).
+    /// - [`Error::Task`] if a task panics (e.g. a label out of range).
     pub fn meta_step(&mut self, tasks: &[Task<F>], opt: &mut Optimizer<F>) -> Result<StepStats> {
         self.check_request(tasks, opt)?;
         let batch = self.meta_batch(tasks)?;
@@ -399,8 +400,8 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// returned as computed, finite or not ([`MetaLearner::meta_step`] checks them).
     ///
     /// # Errors
-    /// [`Error::Config`](crate::Error::Config) for a batch that cannot make sense (as
-    /// [`MetaLearner::meta_step`]); [`Error::Task`](crate::Error::Task) if a task panics.
+    /// [`Error::Config`] for a batch that cannot make sense (as
+    /// [`MetaLearner::meta_step`]); [`Error::Task`] if a task panics.
     #[allow(clippy::type_complexity)]
     pub fn meta_gradient(
         &self,
@@ -594,8 +595,8 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// finite, nothing changes.
     ///
     /// # Errors
-    /// [`Error::NonFinite`](crate::Error::NonFinite) (`during: "apply"`) naming the first
-    /// parameter affected; [`Error::Config`](crate::Error::Config) for an update that does
+    /// [`Error::NonFinite`] (`during: "apply"`) naming the first
+    /// parameter affected; [`Error::Config`] for an update that does
     /// not match the parameters or an optimiser that cannot step
     /// ([`Optimizer::validate`]).
     pub fn apply(
@@ -665,7 +666,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// as [`MetaLearner::meta_step`].
     ///
     /// # Errors
-    /// As [`MetaLearner::meta_step`], and [`Error::Config`](crate::Error::Config) for
+    /// As [`MetaLearner::meta_step`], and [`Error::Config`] for
     /// zero inner steps (the direction would be zero, and Adam's momentum alone would
     /// move the parameters).
     pub fn reptile_step(&mut self, tasks: &[Task<F>], opt: &mut Optimizer<F>) -> Result<StepStats> {
@@ -726,12 +727,12 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// (see [`NormMode`]). Nothing is updated.
     ///
     /// # Errors
-    /// [`Error::Config`](crate::Error::Config) for a task with an empty support or query
+    /// [`Error::Config`] for a task with an empty support or query
     /// set ([`Task::validate`]) or an inner rate that is not finite;
-    /// [`Error::Task`](crate::Error::Task) (index 0) if the task does not fit the model
+    /// [`Error::Task`] (index 0) if the task does not fit the model
     /// (a label out of range, inputs of the wrong shape);
-    /// [`Error::NonFinite`](crate::Error::NonFinite) if the loss is not finite.
-    pub fn evaluate(
+    /// [`Error::NonFinite`] if the loss is not finite.
+    pub fn evaluate_task(
         &self,
         task: &Task<F>,
         steps: usize,

@@ -4,10 +4,11 @@ use crate::{Error, Float, Result};
 use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 
-/// The update rule of an [`Optimizer`].
+/// The update rule of an [`Optimizer`]: the outer loop's, as [`InnerRule`](super::InnerRule)
+/// is the inner loop's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(bound = "F: Float")]
-pub enum Rule<F> {
+pub enum OuterRule<F> {
     /// Plain gradient descent.
     Sgd,
     /// Adam (Kingma & Ba), the same formula as `torch.optim.Adam`.
@@ -36,7 +37,7 @@ pub struct Optimizer<F> {
     /// Steps taken.
     pub steps: u64,
     /// The rule and its state.
-    pub rule: Rule<F>,
+    pub rule: OuterRule<F>,
 }
 
 impl<F: Float> Optimizer<F> {
@@ -46,7 +47,7 @@ impl<F: Float> Optimizer<F> {
             lr,
             clip_norm: None,
             steps: 0,
-            rule: Rule::Adam {
+            rule: OuterRule::Adam {
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
@@ -62,7 +63,7 @@ impl<F: Float> Optimizer<F> {
             lr,
             clip_norm: None,
             steps: 0,
-            rule: Rule::Sgd,
+            rule: OuterRule::Sgd,
         }
     }
 
@@ -101,7 +102,7 @@ impl<F: Float> Optimizer<F> {
                 return bad("clipping norm", c);
             }
         }
-        if let Rule::Adam {
+        if let OuterRule::Adam {
             beta1, beta2, eps, ..
         } = &self.rule
         {
@@ -121,8 +122,8 @@ impl<F: Float> Optimizer<F> {
     /// not finite, if any.
     pub fn first_non_finite_state(&self) -> Option<usize> {
         match &self.rule {
-            Rule::Sgd => None,
-            Rule::Adam { m, v, .. } => m
+            OuterRule::Sgd => None,
+            OuterRule::Adam { m, v, .. } => m
                 .iter()
                 .zip(v)
                 .position(|(m, v)| m.iter().chain(v.iter()).any(|x| !x.is_finite())),
@@ -163,13 +164,13 @@ impl<F: Float> Optimizer<F> {
         self.steps += 1;
         let lr = self.lr;
         match &mut self.rule {
-            Rule::Sgd => {
+            OuterRule::Sgd => {
                 let k = F::c(lr * scale);
                 for (p, g) in params.iter_mut().zip(grads) {
                     p.zip_mut_with(g, |p, &g| *p -= k * g);
                 }
             }
-            Rule::Adam {
+            OuterRule::Adam {
                 beta1,
                 beta2,
                 eps,

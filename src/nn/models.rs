@@ -20,8 +20,7 @@ use serde::{Deserialize, Serialize};
 /// differentiable with respect to them, to any order.
 ///
 /// # What `forward` must do with [`Ctx`]
-/// - **`ctx.mode`**: pass it to every batch norm ([`batch_norm`](super::norm::batch_norm)
-///   takes it); it decides between the batch's statistics and the running ones. Layers
+/// - **`ctx.mode`**: pass it to every batch norm ([`batch_norm`] takes it); it decides between the batch's statistics and the running ones. Layers
 ///   without running statistics (group, layer, instance norm) ignore it.
 /// - **`ctx.observed`**: in [`NormMode::Train`](super::NormMode), push the batch
 ///   statistics each batch norm used, in layer order ([`Observed`], with `layer` as in

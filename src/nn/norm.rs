@@ -16,6 +16,16 @@
 //! transductive. TaskNorm-I ([`task_norm`]) normalises with a learned blend of the support
 //! set's statistics and each example's own, so evaluation is non-transductive without the
 //! collapse running statistics suffer under MAML.
+//!
+//! Per-channel statistics go by these names, each for one job:
+//!
+//! | type | holds | variance |
+//! | --- | --- | --- |
+//! | [`BatchStats`](crate::tape::op::BatchStats) | what a fused batch-norm op normalised with (on the tape) | biased (÷ n) |
+//! | [`ChannelStats`] | what a batch norm in [`NormMode::Train`] reports | unbiased (÷ n − 1) |
+//! | [`Observed`] | the same, filed by layer and inner step for the learner | unbiased |
+//! | [`RunningStats`] | one layer's running averages (at one inner step) | unbiased |
+//! | [`NormState`] | every layer's [`RunningStats`], what a checkpoint saves | unbiased |
 
 use crate::{Float, Tape, Var};
 use serde::{Deserialize, Serialize};

@@ -280,7 +280,8 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     let config = MetaConfig::maml(args.setup.inner_steps, args.setup.inner_lr)
         .with_order(order)
         .with_non_finite(policy);
-    let mut learner = MetaLearner::<f32, _>::new(model, config.clone(), args.setup.seed);
+    let mut learner = MetaLearner::<f32, _>::new(model, config.clone(), args.setup.seed)
+        .with_comm(common::comm().clone())?;
     let mut opt = Optimizer::adam(args.setup.outer_lr);
     let mut rng = rng_from_seed(args.setup.seed.wrapping_add(1));
     let eval_modes = match args.eval_mode {
@@ -384,6 +385,9 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
                 sampler: &EpisodeSampler<'_>,
                 curve: &[Point]|
      -> Result<(), Box<dyn Error>> {
+        if !common::writes_files() {
+            return Ok(()); // rank 0 writes; every rank holds the same state
+        }
         if let Some(path) = &checkpoint_path {
             Checkpoint::capture(learner, opt, sampler.rng()).save(path)?;
         }
@@ -457,7 +461,9 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         args.setup.ways, args.setup.shots
     );
     if !curve.is_empty() {
-        plot(&svg_path, &curve, &title)?;
+        if common::writes_files() {
+            plot(&svg_path, &curve, &title)?;
+        }
     }
 
     // ---- evaluation ----
@@ -507,6 +513,9 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         "filters": args.filters,
         "meta_steps": learner.step,
         "skipped_steps": learner.skipped_steps,
+        "params_digest": common::params_digest(&learner),
+        "ranks": common::comm().size(),
+        "bytes_sent_received": common::comm().traffic(),
         "meta_batch": args.meta_batch,
         "inner_steps": learner.config.inner_steps,
         "inner_lr": learner.config.inner_lr,

@@ -181,7 +181,8 @@ fn train(
 ) -> Result<Trained, Box<dyn Error>> {
     let policy = common::non_finite(args.skip_non_finite);
     let config = MetaConfig::maml(TRAIN_INNER_STEPS, INNER_LR).with_non_finite(policy);
-    let mut learner = Learner::new(Mlp::sinusoid(), config.clone(), args.seed);
+    let mut learner = Learner::new(Mlp::sinusoid(), config.clone(), args.seed)
+        .with_comm(common::comm().clone())?;
     let mut opt = Optimizer::adam(META_LR);
     let mut sampler = SinusoidSampler::new(k, k, args.seed.wrapping_add(1 + k as u64))?;
     let mut window = (0.0, 0usize);
@@ -262,6 +263,9 @@ fn train(
             window_sum_bits: window.0.to_bits(),
             window_len: window.1,
         };
+        if !common::writes_files() {
+            return Ok(());
+        }
         common::write_replace(&files.progress, &serde_json::to_string(&progress)?)?;
         Checkpoint::capture(learner, opt, sampler.rng()).save(&files.checkpoint)?;
         Ok(())
@@ -597,7 +601,9 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         .iter()
         .map(|(k, l, b, t)| (*k, l, b, t.as_slice()))
         .collect();
-    plot(&svg, &rows)?;
+    if common::writes_files() {
+        plot(&svg, &rows)?;
+    }
     println!("plot: {}", svg.display());
 
     let elapsed = start.elapsed().as_secs_f64();
@@ -624,6 +630,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
                     "train_seconds": train_s,
                     "eval_seconds": eval_s,
                     "skipped_steps": learner.skipped_steps,
+                    "params_digest": common::params_digest(learner),
                 });
                 if args.checkpoint_dir.is_some() {
                     entry["resumed_from_step"] = json!(first);
@@ -643,6 +650,8 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         "train_inner_steps": TRAIN_INNER_STEPS,
         "seed": args.seed,
         "threads": rayon::current_num_threads(),
+        "ranks": common::comm().size(),
+        "bytes_sent_received": common::comm().traffic(),
         "test_tasks": n_test,
         "test_query_points": TEST_QUERY,
         "test_seed": TEST_SEED,

@@ -34,7 +34,7 @@
 //! ```
 
 use crate::data::EpisodeSampler;
-use crate::map_fn::map_tasks;
+use crate::dist::Wire;
 use crate::meta::{MetaLearner, Task};
 use crate::nn::{Model, NormMode};
 use crate::{Error, Float, Result};
@@ -108,6 +108,54 @@ pub fn confidence_interval(values: &[f64]) -> (f64, f64) {
     (mean, 1.96 * var.sqrt() / (n as f64).sqrt())
 }
 
+/// One task's evaluation as it crosses between ranks: the result, or the error's kind and
+/// message (every rank then reports the same error).
+struct Outcome(Result<(f64, Option<f64>)>);
+
+impl Wire for Outcome {
+    fn put(&self, out: &mut Vec<u8>) {
+        match &self.0 {
+            Ok(r) => {
+                0u8.put(out);
+                r.put(out);
+            }
+            Err(Error::NonFinite { step, param, .. }) => {
+                1u8.put(out);
+                step.put(out);
+                param.put(out);
+            }
+            Err(Error::Task { message, .. }) => {
+                2u8.put(out);
+                message.put(out);
+            }
+            Err(Error::Config(m)) => {
+                3u8.put(out);
+                m.put(out);
+            }
+            Err(e) => {
+                3u8.put(out);
+                e.to_string().put(out);
+            }
+        }
+    }
+    fn get(input: &mut &[u8]) -> Result<Self> {
+        Ok(Outcome(match u8::get(input)? {
+            0 => Ok(<(f64, Option<f64>)>::get(input)?),
+            1 => Err(Error::NonFinite {
+                during: "evaluate",
+                step: u64::get(input)?,
+                tasks: vec![0],
+                param: Option::get(input)?,
+            }),
+            2 => Err(Error::Task {
+                index: 0,
+                message: String::get(input)?,
+            }),
+            _ => Err(Error::Config(String::get(input)?)),
+        }))
+    }
+}
+
 /// Query loss and accuracy of each task after `steps` inner steps, in task order.
 fn per_task<F: Float, M: Model<F>>(
     learner: &MetaLearner<F, M>,
@@ -118,12 +166,16 @@ fn per_task<F: Float, M: Model<F>>(
     first_index: usize,
 ) -> Result<Vec<(f64, f64)>> {
     check_running_stats(learner, mode)?;
-    let results = map_tasks(tasks.len(), parallel_iterations, |i| {
-        learner.evaluate_task(&tasks[i], steps, mode)
-    })?;
+    // Tasks split across the learner's ranks (one process: all of them here).
+    let results = learner
+        .comm()
+        .map(tasks.len(), parallel_iterations, |i| {
+            Outcome(learner.evaluate_task(&tasks[i], steps, mode))
+        })?
+        .into_iter()
+        .map(|o| o.0);
     // The first failing task, numbered in the whole evaluation.
     let results = results
-        .into_iter()
         .enumerate()
         .map(|(i, r)| {
             r.map_err(|e| match e {

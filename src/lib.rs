@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod check;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 mod float;

@@ -30,11 +30,63 @@ use std::process::ExitCode;
 
 // ---- running an example ----
 
-/// Runs an example: builds the global thread pool (`threads` = 0: one thread per core),
+/// The job's communicator: MPI's world when started by `mpirun` and built with
+/// `--features mpi`, the single process otherwise (set by [`main`]).
+static COMM: std::sync::OnceLock<metagrad::dist::Comm> = std::sync::OnceLock::new();
+
+/// The job's communicator (see [`main`]).
+pub fn comm() -> &'static metagrad::dist::Comm {
+    COMM.get_or_init(metagrad::dist::Comm::local)
+}
+
+/// Whether this process writes files: rank 0 (the only process without MPI).
+pub fn writes_files() -> bool {
+    comm().is_root()
+}
+
+/// A digest of a learner's parameters, for comparing runs bit for bit (RESULT's
+/// `params_digest`: equal on any number of threads and ranks).
+pub fn params_digest<M>(learner: &MetaLearner<f32, M>) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for t in learner.params.tensors() {
+        for v in t.iter() {
+            h = (h ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// Silences this process's stdout and stderr (ranks other than 0 under MPI: every rank
+/// computes the same thing, and rank 0 reports it).
+fn silence() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: duplicating a valid descriptor over the standard ones.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(null.as_raw_fd(), 2);
+        }
+    }
+}
+
+/// Runs an example: joins the MPI job when started by `mpirun` (only rank 0 then prints
+/// and writes files), builds the global thread pool (`threads` = 0: one thread per core),
 /// then `run`, and exits with 0 on success; with 2, after printing the error, when an input
 /// is missing (no Omniglot data, or a path that does not exist: the data or a checkpoint to
 /// resume); with 1 after any other error.
 pub fn main(threads: usize, run: impl FnOnce() -> Result<(), Box<dyn Error>>) -> ExitCode {
+    match metagrad::dist::Comm::from_env() {
+        Ok(c) => {
+            if !c.is_root() {
+                silence();
+            }
+            let _ = COMM.set(c);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     if threads > 0 {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -37,11 +37,13 @@ pub use episode::{adapted_indices, last_step_only, EpisodeRun, InnerLoop};
 pub use optim::{Optimizer, OuterRule};
 pub use task::{Targets, Task};
 
+use crate::dist::{get_array, get_vec, put_array, put_vec, Comm, Wire};
 use crate::map_fn::{accumulate_in_order, map_tasks};
 use crate::nn::{Ctx, Model, NormMode, NormState, Observed, Params};
 use crate::{Error, Float, Result, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
+use std::fmt::Debug;
 
 /// How the inner loop updates the adapted parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +216,46 @@ struct GroupResult<F: Float> {
     finite: bool,
 }
 
+impl<F: Float> Wire for GroupResult<F> {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.result.len().put(out);
+        self.result.iter().for_each(|a| put_array(a, out));
+        self.loss.put(out);
+        self.accuracy.put(out);
+        self.finite.put(out);
+        self.observed.len().put(out);
+        for o in &self.observed {
+            (o.layer, o.step).put(out);
+            put_vec(&o.mean, out);
+            put_vec(&o.var, out);
+        }
+    }
+    fn get(input: &mut &[u8]) -> Result<Self> {
+        let n = usize::get(input)?;
+        let result = (0..n).map(|_| get_array(input)).collect::<Result<_>>()?;
+        let (loss, accuracy, finite) = (f64::get(input)?, Option::get(input)?, bool::get(input)?);
+        let k = usize::get(input)?;
+        let observed = (0..k)
+            .map(|_| {
+                let (layer, step) = <(usize, usize)>::get(input)?;
+                Ok(Observed {
+                    layer,
+                    step,
+                    mean: get_vec(input)?,
+                    var: get_vec(input)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(GroupResult {
+            result,
+            loss,
+            accuracy,
+            observed,
+            finite,
+        })
+    }
+}
+
 /// Group results folded in task order.
 struct Reduced<F: Float> {
     sums: Vec<ArrayD<F>>,
@@ -270,6 +312,7 @@ pub struct MetaLearner<F: Float, M> {
     /// [`NonFinite::Skip`]).
     pub skipped_steps: u64,
     net_len: usize,
+    comm: Comm,
 }
 
 impl<F: Float, M: Model<F>> MetaLearner<F, M> {
@@ -309,6 +352,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             step: 0,
             skipped_steps: 0,
             net_len,
+            comm: Comm::local(),
         }
     }
 
@@ -327,6 +371,60 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         }
         self.params = params;
         Ok(())
+    }
+
+    /// The same learner on `comm`'s ranks: each rank runs its contiguous block of every
+    /// meta-batch's tasks, and every rank ends each step bitwise as one process would (see
+    /// [`crate::dist`]). Checks that every rank holds the same float type, model,
+    /// configuration, parameters and statistics.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming what differs between the ranks.
+    pub fn with_comm(mut self, comm: Comm) -> Result<Self>
+    where
+        M: Debug,
+    {
+        comm.check_same(&self.fingerprint())?;
+        self.comm = comm;
+        Ok(self)
+    }
+
+    /// What must be equal on every rank, named.
+    fn fingerprint(&self) -> Vec<(&'static str, String)>
+    where
+        M: Debug,
+    {
+        let digest = |a: &mut u64, v: f64| {
+            *a = (*a ^ v.to_bits()).wrapping_mul(0x100_0000_01b3);
+        };
+        let mut params = 0xcbf2_9ce4_8422_2325u64;
+        for t in self.params.tensors() {
+            t.iter().for_each(|v| digest(&mut params, v.f64()));
+        }
+        let mut norm = 0xcbf2_9ce4_8422_2325u64;
+        for r in self.norm.stats.iter().flatten() {
+            r.mean
+                .iter()
+                .chain(&r.var)
+                .for_each(|v| digest(&mut norm, v.f64()));
+        }
+        vec![
+            ("the float type", std::any::type_name::<F>().to_string()),
+            ("the model", format!("{:?}", self.model)),
+            ("the configuration", format!("{:?}", self.config)),
+            ("the meta-step", self.meta_batches().to_string()),
+            (
+                "the parameters (initialisation seed?)",
+                format!("{params:016x}"),
+            ),
+            ("the running statistics", format!("{norm:016x}")),
+        ]
+    }
+
+    /// The communicator the learner runs on ([`Comm::local`] unless
+    /// [`MetaLearner::with_comm`] was used).
+    pub fn comm(&self) -> &Comm {
+        &self.comm
     }
 
     /// Meta-batches consumed: steps taken plus steps skipped. A training loop that draws
@@ -470,9 +568,11 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let second_order = self.config.order.second_order_at(self.step);
         let chunk = Task::chunk_size(tasks, self.config.task_chunk, self.model.batches_tasks());
         let groups: Vec<&[Task<F>]> = tasks.chunks(chunk).collect();
-        let per_group = map_tasks(groups.len(), self.config.parallel_iterations, |i| {
-            self.run_group(groups[i], second_order)
-        })?;
+        let per_group = self
+            .comm
+            .map(groups.len(), self.config.parallel_iterations, |i| {
+                self.run_group(groups[i], second_order)
+            })?;
         // A chunk that is not finite is rerun task by task to name the culprits (only on
         // this failure path).
         let mut bad = Vec::new();
@@ -678,34 +778,36 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             ));
         }
         let steps = self.config.inner_steps;
-        let per_task = map_tasks(tasks.len(), self.config.parallel_iterations, |i| {
-            let task = &tasks[i];
-            let mut t = Tape::new();
-            let theta = self.params.place(&mut t);
-            let net = &theta[..self.net_len];
-            let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
-            let inner = InnerLoop {
-                rule: InnerRule::Sgd,
-                ..self.inner_loop(steps, false)
-            };
-            let run = inner.episode(&mut t, net, &[], task, &last_step_only(steps), &mut ctx);
-            let last = run.trajectory.last().expect("trajectory");
-            let acc = task.query_y.accuracy(t.value(run.query_out));
-            // φ for the network; the learned rates (if any) do not move.
-            let phi: Vec<ArrayD<F>> = last
-                .iter()
-                .map(|v| t.value(*v).clone())
-                .chain(self.params.tensors()[self.net_len..].iter().cloned())
-                .collect();
-            let loss = t.item(run.loss);
-            GroupResult {
-                finite: loss.is_finite() && phi.iter().all(all_finite),
-                result: phi,
-                loss,
-                accuracy: acc,
-                observed: ctx.observed,
-            }
-        })?;
+        let per_task = self
+            .comm
+            .map(tasks.len(), self.config.parallel_iterations, |i| {
+                let task = &tasks[i];
+                let mut t = Tape::new();
+                let theta = self.params.place(&mut t);
+                let net = &theta[..self.net_len];
+                let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
+                let inner = InnerLoop {
+                    rule: InnerRule::Sgd,
+                    ..self.inner_loop(steps, false)
+                };
+                let run = inner.episode(&mut t, net, &[], task, &last_step_only(steps), &mut ctx);
+                let last = run.trajectory.last().expect("trajectory");
+                let acc = task.query_y.accuracy(t.value(run.query_out));
+                // φ for the network; the learned rates (if any) do not move.
+                let phi: Vec<ArrayD<F>> = last
+                    .iter()
+                    .map(|v| t.value(*v).clone())
+                    .chain(self.params.tensors()[self.net_len..].iter().cloned())
+                    .collect();
+                let loss = t.item(run.loss);
+                GroupResult {
+                    finite: loss.is_finite() && phi.iter().all(all_finite),
+                    result: phi,
+                    loss,
+                    accuracy: acc,
+                    observed: ctx.observed,
+                }
+            })?;
         let bad = (0..tasks.len()).filter(|&i| !per_task[i].finite).collect();
         let n = tasks.len();
         let inv = F::c(1.0 / n as f64);

@@ -4,13 +4,19 @@
 //!
 //! ```text
 //! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N]
+//! # across processes: build with the feature, then start the binary with mpirun
+//! cargo bench --features mpi --bench maml_step --no-run
+//! mpirun -np 2 target/release/deps/maml_step-* --threads 1 --only W2-omni5w1s-1step-SO
 //! ```
+//!
+//! Under `mpirun`, rank 0 prints, adding the bytes each rank sent and received per step.
 //!
 //! One timed step: every task's inner loop, query loss and meta-gradient, plus the outer
 //! Adam step; task data is made before the timer starts; f32; the median of `--steps`
 //! steps after `--warmup` steps. For each workload a human line like the reference
 //! script's and one JSON line are printed.
 
+use metagrad::dist::Comm;
 use metagrad::map_fn::with_threads;
 use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order, Targets, Task};
 use metagrad::nn::{Conv4, Mlp, Model};
@@ -173,15 +179,28 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn run<M: Model<f32> + Clone>(
-    w: &Workload,
-    model: M,
-    make: &mut dyn FnMut() -> Vec<Task<f32>>,
+/// How every workload is run: the command line's settings and the job's communicator.
+struct Settings {
     steps: usize,
     warmup: usize,
     threads: usize,
     chunk: Option<usize>,
+    comm: Comm,
+}
+
+fn run<M: Model<f32> + Clone + std::fmt::Debug>(
+    w: &Workload,
+    model: M,
+    make: &mut dyn FnMut() -> Vec<Task<f32>>,
+    settings: &Settings,
 ) {
+    let Settings {
+        steps,
+        warmup,
+        threads,
+        chunk,
+        ref comm,
+    } = *settings;
     let mut config = MetaConfig::maml(w.inner_steps, w.inner_lr);
     if let Some(c) = chunk {
         config.task_chunk = c;
@@ -189,12 +208,18 @@ fn run<M: Model<f32> + Clone>(
     if !w.second_order {
         config = config.with_order(Order::First);
     }
-    let mut learner = MetaLearner::<f32, _>::new(model, config, 0);
+    let mut learner = MetaLearner::<f32, _>::new(model, config, 0)
+        .with_comm(comm.clone())
+        .expect("every rank runs the same workload");
     let mut opt = Optimizer::adam(1e-3);
     reset_peak_rss();
     let mut times = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(steps);
+    let mut traffic = comm.traffic();
     for i in 0..warmup + steps {
+        if i == warmup {
+            traffic = comm.traffic();
+        }
         let tasks = make();
         let t0 = Instant::now();
         let stats = std::hint::black_box(learner.meta_step(&tasks, &mut opt).expect("meta-step"));
@@ -213,8 +238,26 @@ fn run<M: Model<f32> + Clone>(
     };
     let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
     let rss = peak_rss_mb();
+    let (sent, received) = comm.traffic();
+    let per_step = |now: u64, then: u64| (now - then) as f64 / steps as f64;
+    let (sent, received) = (per_step(sent, traffic.0), per_step(received, traffic.1));
     let check = check_cost(&learner, &opt, &make());
+    let exchange = exchange_cost(&learner, comm, w.meta_batch);
     let tps = w.meta_batch as f64 / median;
+    if !comm.is_root() {
+        return;
+    }
+    if comm.size() > 1 {
+        println!(
+            "{:24} ranks={}  bytes per step and rank: sent {:.0}, received {:.0}; the \
+             exchange alone: {:.2} ms",
+            "",
+            comm.size(),
+            sent,
+            received,
+            exchange * 1e3
+        );
+    }
     println!(
         "{:24} median {median:9.5} s/step  min {min:9.5}  max {max:9.5}  tasks/s {tps:9.1}  (steps={steps}, warmup={warmup}, meta_batch={}, threads={threads}, first/last loss {:.4}/{:.4}, peak RSS {rss:.0} MiB)",
         w.name, w.meta_batch, losses[0], losses[losses.len() - 1]
@@ -230,9 +273,33 @@ fn run<M: Model<f32> + Clone>(
         serde_json::json!({
             "workload": w.name, "median_s": median, "min_s": min, "max_s": max,
             "tasks_per_s": tps, "threads": threads, "steps": steps, "peak_rss_mb": rss,
-            "check_s": check,
+            "check_s": check, "ranks": comm.size(),
+            "bytes_sent_per_step": sent, "bytes_received_per_step": received,
         })
     );
+}
+
+/// The time of one step's exchange alone (median of repeats): every task's gradient (as
+/// many 4-byte floats as the model has parameters) all-gathered across the ranks.
+fn exchange_cost<M: Model<f32> + Clone>(
+    learner: &MetaLearner<f32, M>,
+    comm: &Comm,
+    tasks: usize,
+) -> f64 {
+    if comm.size() == 1 {
+        return 0.0;
+    }
+    let words = learner.params.num_elements().div_ceil(2);
+    let mut times: Vec<f64> = (0..9)
+        .map(|_| {
+            let t0 = Instant::now();
+            let all = comm.map(tasks, 1, |_| vec![0u64; words]).expect("exchange");
+            std::hint::black_box(all);
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// What `meta_step` spends on its guarantees, per step (median of repeats): validating
@@ -262,7 +329,13 @@ fn check_cost<M: Model<f32> + Clone>(
         Task::validate_batch(tasks).expect("valid tasks");
         learner.config.validate().expect("valid config");
         opt.validate().expect("valid optimiser");
-        for _ in tasks {
+        // One scan per group of tasks sharing a tape, as meta_step does.
+        let chunk = Task::chunk_size(
+            tasks,
+            learner.config.task_chunk,
+            learner.model.batches_tasks(),
+        );
+        for _ in tasks.chunks(chunk) {
             let finite = update.iter().all(|g| g.iter().all(|v| v.is_finite()));
             std::hint::black_box(finite);
         }
@@ -317,8 +390,22 @@ fn main() {
         }
     }
     let tuned = metagrad::tune_allocator();
-    println!("metagrad maml_step  threads={threads}  steps={steps}  warmup={warmup}  allocator tuned={tuned}");
+    let comm = Comm::from_env().unwrap_or_else(|e| {
+        eprintln!("maml_step: {e}");
+        std::process::exit(2)
+    });
+    if comm.is_root() {
+        println!("metagrad maml_step  threads={threads}  steps={steps}  warmup={warmup}  allocator tuned={tuned}");
+    }
     let t0 = Instant::now();
+    let settings = Settings {
+        steps,
+        warmup,
+        threads,
+        chunk,
+        comm,
+    };
+    let comm = &settings.comm;
     with_threads(threads, || {
         for w in WORKLOADS
             .iter()
@@ -330,23 +417,23 @@ fn main() {
                     w,
                     Conv4::omniglot(w.ways),
                     &mut || omniglot_tasks(&mut rng, w),
-                    steps,
-                    warmup,
-                    threads,
-                    chunk,
+                    &settings,
                 );
             } else {
                 run(
                     w,
                     Mlp::sinusoid(),
                     &mut || sinusoid_tasks(&mut rng, w),
-                    steps,
-                    warmup,
-                    threads,
-                    chunk,
+                    &settings,
                 );
             }
         }
     });
-    println!("total wall {:.1} s", t0.elapsed().as_secs_f64());
+    if comm.is_root() {
+        println!(
+            "total wall {:.1} s  ranks={}",
+            t0.elapsed().as_secs_f64(),
+            comm.size()
+        );
+    }
 }

@@ -460,10 +460,8 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         "MAML Omniglot {}-way {}-shot",
         args.setup.ways, args.setup.shots
     );
-    if !curve.is_empty() {
-        if common::writes_files() {
-            plot(&svg_path, &curve, &title)?;
-        }
+    if !curve.is_empty() && common::writes_files() {
+        plot(&svg_path, &curve, &title)?;
     }
 
     // ---- evaluation ----

@@ -62,6 +62,27 @@ impl<F: Float> Targets<F> {
         }
     }
 
+    /// The targets' shape (`[N]` for class indices).
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Targets::Classes(c) => vec![c.len()],
+            Targets::Probabilities(v) | Targets::Values(v) | Targets::StackedValues(v) => {
+                v.shape().to_vec()
+            }
+        }
+    }
+
+    /// Whether `other` has the same kind and shape.
+    fn same_shape(&self, other: &Targets<F>) -> bool {
+        match (self, other) {
+            (Targets::Classes(a), Targets::Classes(b)) => a.len() == b.len(),
+            (Targets::Probabilities(a), Targets::Probabilities(b))
+            | (Targets::Values(a), Targets::Values(b))
+            | (Targets::StackedValues(a), Targets::StackedValues(b)) => a.shape() == b.shape(),
+            _ => false,
+        }
+    }
+
     /// Whether the targets cover no example.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -152,18 +173,20 @@ impl<F: Float> Task<F> {
 
     /// The shapes of the task's inputs and targets (for comparing tasks of a batch).
     fn layout(&self) -> [Vec<usize>; 4] {
-        let targets = |y: &Targets<F>| match y {
-            Targets::Classes(c) => vec![c.len()],
-            Targets::Probabilities(v) | Targets::Values(v) | Targets::StackedValues(v) => {
-                v.shape().to_vec()
-            }
-        };
         [
             self.support_x.shape().to_vec(),
-            targets(&self.support_y),
+            self.support_y.shape(),
             self.query_x.shape().to_vec(),
-            targets(&self.query_y),
+            self.query_y.shape(),
         ]
+    }
+
+    /// Whether `other` has this task's shapes (without allocating: it runs every step).
+    fn same_layout(&self, other: &Task<F>) -> bool {
+        self.support_x.shape() == other.support_x.shape()
+            && self.query_x.shape() == other.query_x.shape()
+            && self.support_y.same_shape(&other.support_y)
+            && self.query_y.same_shape(&other.query_y)
     }
 
     /// Checks a meta-batch before it changes anything: at least one task, every task
@@ -179,7 +202,7 @@ impl<F: Float> Task<F> {
             ));
         };
         let kind = |t: &Task<F>| [&t.support_y, &t.query_y].map(std::mem::discriminant);
-        let (layout, k0) = (first.layout(), kind(first));
+        let k0 = kind(first);
         for (i, task) in tasks.iter().enumerate() {
             task.validate().map_err(|e| match e {
                 Error::Config(m) => Error::Config(format!("task {i} of the meta-batch: {m}")),
@@ -193,11 +216,12 @@ impl<F: Float> Task<F> {
                     [&first.support_y, &first.query_y].map(kind_name)
                 )));
             }
-            let l = task.layout();
-            if l != layout {
+            if !task.same_layout(first) {
                 return Err(Error::Config(format!(
-                    "task {i} of the meta-batch has shapes {l:?} (support inputs, support \
-                     targets, query inputs, query targets), but task 0 has {layout:?}"
+                    "task {i} of the meta-batch has shapes {:?} (support inputs, support \
+                     targets, query inputs, query targets), but task 0 has {:?}",
+                    task.layout(),
+                    first.layout()
                 )));
             }
         }

@@ -12,7 +12,7 @@ use crate::ops::linalg::gemm;
 use crate::tape::op::{ConvGeom, Gather, NONE};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
-use ndarray::{ArrayD, ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayD, ArrayView2, ArrayViewMut2, IxDyn};
 use std::sync::Arc;
 
 /// The output columns `lo..hi` whose input column `ow·stride + j − pad` lies inside
@@ -309,6 +309,10 @@ impl<F: Float> Tape<F> {
 
     #[track_caller]
     pub(crate) fn conv2d_geom(&mut self, x: Var, w: Var, g: ConvGeom) -> Var {
+        if g.is_empty() {
+            let value = ArrayD::zeros(IxDyn(&[g.n, g.o, g.ho(), g.wo()]));
+            return self.push(value, Op::Conv2d(x, w, g), &[x, w]);
+        }
         let hw = g.ho() * g.wo();
         let (ckk, ld) = (g.c * g.kh * g.kw, col_stride(&g));
         let xs = flat(self.value(x));
@@ -362,6 +366,10 @@ impl<F: Float> Tape<F> {
             self.shape(gy),
             self.shape(w)
         );
+        if g.is_empty() {
+            let value = ArrayD::zeros(IxDyn(&[g.n, g.c, g.h, g.w]));
+            return self.push(value, Op::Conv2dInputGrad(gy, w, g), &[gy, w]);
+        }
         let gs = flat(self.value(gy));
         let ws = flat(self.value(w));
         let mut out = vec![F::zero(); g.n * g.c * g.h * g.w];
@@ -395,6 +403,10 @@ impl<F: Float> Tape<F> {
             self.shape(x),
             self.shape(gy)
         );
+        if g.is_empty() {
+            let value = ArrayD::zeros(IxDyn(&[g.o, g.c, g.kh, g.kw]));
+            return self.push(value, Op::Conv2dWeightGrad(x, gy, g), &[x, gy]);
+        }
         let xs = flat(self.value(x));
         let gs = flat(self.value(gy));
         let mut out = vec![F::zero(); g.o * ckk];

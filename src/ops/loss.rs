@@ -125,11 +125,14 @@ impl<F: Float> Tape<F> {
             sl.len() == 2 && sl == sy,
             "metagrad::cross_entropy: logits {sl:?} and labels {sy:?} must both be [N, K]"
         );
-        let n = sl[0];
+        let (n, k) = (sl[0], sl[1]);
+        assert!(
+            k > 0,
+            "metagrad::cross_entropy: logits {sl:?} and labels {sy:?} have no classes"
+        );
         let lp = self.log_softmax(logits);
         let prod = self.mul(labels, lp);
-        let s = self.sum(prod);
-        self.mul_scalar(s, -1.0 / n as f64)
+        mean_of_rows(self, prod, n)
     }
 
     /// Softmax cross-entropy with sparse integer labels, averaged over rows:
@@ -159,9 +162,26 @@ impl<F: Float> Tape<F> {
             in_shape: vec![n, k],
             out_shape: vec![n],
         };
+        assert!(
+            k > 0 || n == 0,
+            "metagrad::sparse_cross_entropy: logits {s:?} have no classes"
+        );
         let lp = self.log_softmax(logits);
         let picked = self.gather(lp, Arc::new(map));
-        let s = self.sum(picked);
-        self.mul_scalar(s, -1.0 / n as f64)
+        mean_of_rows(self, picked, n)
+    }
+}
+
+/// `−Σ terms / n`, scaled before summing so that a finite mean never overflows on the way
+/// (f32 `[[1.7e38, −1.7e38]] × 2` has a finite loss); NaN for no rows (the mean of
+/// nothing).
+fn mean_of_rows<F: Float>(t: &mut Tape<F>, terms: Var, n: usize) -> Var {
+    let scale = if n == 0 { f64::NAN } else { -1.0 / n as f64 };
+    let scaled = t.mul_scalar(terms, scale);
+    let s = t.sum(scaled);
+    if n == 0 {
+        t.mul_scalar(s, f64::NAN)
+    } else {
+        s
     }
 }

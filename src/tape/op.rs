@@ -65,6 +65,11 @@ impl ConvGeom {
     pub fn wo(&self) -> usize {
         (self.w + 2 * self.pad - self.kw) / self.stride + 1
     }
+    /// Whether some dimension is zero: then the convolution and both its adjoints are
+    /// sums over nothing or tensors of nothing, all zeros.
+    pub fn is_empty(&self) -> bool {
+        [self.n, self.c, self.h, self.w, self.o, self.kh, self.kw].contains(&0)
+    }
 }
 
 /// What a batch norm's forward pass measured, per channel: the mean and the **biased**

@@ -196,7 +196,12 @@ pub(super) fn vjp<F: Float>(
             t.sub(own, rest)
         }),
         Op::Softmax(a) => put!(*a, &mut |t| {
-            // p ⊙ (g − Σ pg) = p ⊙ (g ⊙ (1 − p) − Σ_{k≠i} pg), p = y.
+            // p ⊙ (g − Σ pg) = p ⊙ (g ⊙ (1 − p) − Σ_{k≠i} pg), p = y. The formula is
+            // unchanged, term for term, by adding a constant to each row of g, so g is
+            // first shifted by its value at the row's most likely class: where g is
+            // nearly constant over the likely classes, the two terms would otherwise be
+            // large and cancel.
+            let g = shift_by_most_likely(t, g, y);
             let q = t.sum_others(y);
             let own = t.mul(g, q);
             let pg = t.mul(y, g);
@@ -233,6 +238,32 @@ fn put_all<const N: usize>(out: &mut Vec<(Var, Var)>, ins: [Var; N], grads: [Opt
             .zip(grads)
             .filter_map(|(v, gv)| Some((v, gv?))),
     );
+}
+
+/// `g` minus, in each row (last axis), its value where `p` is largest (a constant index
+/// map, so the shift is linear in `g` and differentiable again).
+fn shift_by_most_likely<F: Float>(t: &mut Tape<F>, g: Var, p: Var) -> Var {
+    let shape = t.shape(p).to_vec();
+    let k = shape.last().copied().unwrap_or(1).max(1);
+    let src: Vec<usize> = crate::ops::flat(t.value(p))
+        .chunks_exact(k)
+        .enumerate()
+        .map(|(r, row)| {
+            let best = (0..k).fold(0, |b, j| if F::beats(row[j], row[b]) { j } else { b });
+            r * k + best
+        })
+        .collect();
+    let mut out_shape = shape.clone();
+    if let Some(last) = out_shape.last_mut() {
+        *last = 1;
+    }
+    let map = super::op::Gather {
+        src,
+        in_shape: shape,
+        out_shape,
+    };
+    let at_best = t.gather(g, std::sync::Arc::new(map));
+    t.sub(g, at_best)
 }
 
 /// `g` summed down to the shape of `like` (undoing broadcasting).

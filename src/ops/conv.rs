@@ -198,9 +198,13 @@ pub(crate) fn check_pool(name: &str, s: &[usize], k: usize, stride: usize) {
 
 /// Max-pooling of `a·x + b` (`(a, b) = affine(channel)`) over `x` of shape `s`
 /// (`[N, C, H, W]`): the pooled values and the [`Gather`] of each window's first maximal
-/// element (a NaN in a window wins, so it is never hidden). With `relu`, a window whose
-/// maximum is not positive reads nothing (zero): the pooled ReLU; a NaN maximum is kept.
-pub(crate) fn max_pool<F: Float>(
+/// element. With `NAN_AWARE`, a NaN in a window wins, so it is never hidden; without, the
+/// caller guarantees that a NaN anywhere makes every value of its channel NaN (batch norm:
+/// a NaN input poisons the channel's statistics, and so `a` and `b`), so the first element
+/// of the window carries it and the scan keeps one comparison per element. With `relu`, a
+/// window whose maximum is not positive reads nothing (zero): the pooled ReLU; a NaN
+/// maximum is kept.
+pub(crate) fn max_pool<F: Float, const NAN_AWARE: bool>(
     xs: &[F],
     s: &[usize],
     k: usize,
@@ -238,7 +242,7 @@ pub(crate) fn max_pool<F: Float>(
                     let (mut best, mut v) = (j, p[0] * a + b);
                     for (idx, x) in [(j + 1, p[1]), (j + w, q[0]), (j + w + 1, q[1])] {
                         let y = x * a + b;
-                        let gt = F::beats(y, v);
+                        let gt = if NAN_AWARE { F::beats(y, v) } else { y > v };
                         best = if gt { idx } else { best };
                         v = if gt { y } else { v };
                     }
@@ -253,7 +257,7 @@ pub(crate) fn max_pool<F: Float>(
                     let row = first + i * w;
                     for (j, &x) in xs[row..row + k].iter().enumerate() {
                         let y = x * a + b;
-                        let gt = F::beats(y, v);
+                        let gt = if NAN_AWARE { F::beats(y, v) } else { y > v };
                         best = if gt { row + j } else { best };
                         v = if gt { y } else { v };
                     }
@@ -463,7 +467,7 @@ impl<F: Float> Tape<F> {
     fn max_pool_gather(&mut self, name: &str, x: Var, k: usize, stride: usize, relu: bool) -> Var {
         let s = self.shape(x).to_vec();
         check_pool(name, &s, k, stride);
-        let (value, map) = max_pool(flat(self.value(x)), &s, k, stride, relu, |_| {
+        let (value, map) = max_pool::<F, true>(flat(self.value(x)), &s, k, stride, relu, |_| {
             (F::one(), F::zero())
         });
         self.push(value, Op::Gather(x, Arc::new(map)), &[x])

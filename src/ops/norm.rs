@@ -151,7 +151,9 @@ impl<F: Float> Tape<F> {
             }
             Some((k, stride)) => {
                 let affine = |ch: usize| (scale[ch], shift[ch]);
-                let (value, map) = super::conv::max_pool(xs, &shape, k, stride, true, affine);
+                // A NaN in the channel makes its statistics, and so every value, NaN.
+                let (value, map) =
+                    super::conv::max_pool::<F, false>(xs, &shape, k, stride, true, affine);
                 (value, Some(Arc::new(map)))
             }
         };

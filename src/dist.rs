@@ -10,7 +10,7 @@
 //! bitwise those of a run without MPI, for any number of ranks × threads.
 //!
 //! Two transports: [`Comm::local`], the single process (the trivial case: no encoding, no
-//! copy, it costs nothing), and, with the cargo feature `mpi`, [`Comm::mpi`] on the
+//! copy, it costs nothing), and, with the cargo feature `mpi`, `Comm::mpi` on the
 //! system's MPI (Open MPI through the `mpi` crate). [`Comm::from_env`] picks MPI when the
 //! program was started by `mpirun` and the feature is on.
 //!

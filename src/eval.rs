@@ -5,8 +5,9 @@
 //! The interval is `1.96 · s / √n`, where `s` is the **sample** standard deviation of the
 //! per-task accuracies (divisor `n − 1`) and `n` the number of tasks — the normal
 //! approximation used throughout the few-shot literature. Tasks run in parallel through
-//! [`map_tasks`], and every result is gathered and summed in task order, so a report does
-//! not depend on the number of threads.
+//! the learner's [`Comm`](crate::dist::Comm) (its ranks, each with the meta-batch mapper on
+//! its threads), and every result is gathered and summed in task order, so a report does
+//! not depend on the number of threads or ranks.
 //!
 //! The batch-norm mode is part of the result: transductive batch norm (query statistics)
 //! typically scores a few points higher than inductive (running statistics), so it is

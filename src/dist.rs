@@ -155,6 +155,13 @@ impl Comm {
         self.rank() == 0
     }
 
+    /// Ends the whole job with `code` (MPI's abort: every rank stops). For an error that
+    /// only this rank has seen (a file it could not write), so that the others do not
+    /// wait for it forever; the single process simply exits.
+    pub fn abort(&self, code: i32) -> ! {
+        self.transport.abort(code)
+    }
+
     /// Bytes this rank has sent and received so far (the payloads of the exchanges).
     pub fn traffic(&self) -> (u64, u64) {
         (

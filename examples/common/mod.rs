@@ -104,10 +104,16 @@ pub fn main(threads: usize, run: impl FnOnce() -> Result<(), Box<dyn Error>>) ->
                 e.downcast_ref::<metagrad::Error>(),
                 Some(metagrad::Error::NotFound { .. })
             );
-            if not_found || e.is::<NoOmniglot>() {
-                return ExitCode::from(2);
+            let code = if not_found || e.is::<NoOmniglot>() {
+                2
+            } else {
+                1
+            };
+            if comm().size() > 1 {
+                // The other ranks may be waiting in an exchange: end the whole job.
+                comm().abort(code);
             }
-            ExitCode::FAILURE
+            ExitCode::from(code as u8)
         }
     }
 }

@@ -372,6 +372,8 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
 
     // ---- meta-training ----
     let mut sampler = EpisodeSampler::with_rng(&train, spec, rng)?;
+    // Under MPI every rank restored its own file: check they still agree.
+    learner.check_ranks()?;
     // Counted in meta-batches drawn, so that skipped steps resume bit for bit.
     let first = learner.meta_batches();
     let total = args.steps.max(first);

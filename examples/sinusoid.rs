@@ -242,6 +242,8 @@ fn train(
         }
     }
 
+    // Under MPI every rank restored its own file: check they still agree.
+    learner.check_ranks()?;
     // Counted in meta-batches drawn, so that skipped steps resume bit for bit.
     let first = learner.meta_batches();
     let total = steps.max(first);

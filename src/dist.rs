@@ -504,16 +504,18 @@ mod mpi_transport {
         drop(u.take()); // MPI_Finalize
     }
 
-    /// MPI's world communicator. Only the thread that calls the meta-learner exchanges
-    /// (the rayon workers never do), so `Funneled` threading suffices.
+    /// MPI's world communicator. Exchanges may come from any thread (a learner driven
+    /// from a rayon worker, clones of one `Comm` on several threads), one at a time:
+    /// MPI runs with `Serialized` threading and every exchange holds `lock`.
     pub(super) struct Mpi {
         world: SimpleCommunicator,
         rank: usize,
         size: usize,
+        lock: Mutex<()>,
     }
 
-    // The world communicator is only used from one thread at a time (`Comm::map` is
-    // called by the thread driving the learner, and the exchanges are sequential).
+    // SAFETY: every use of `world` holds `lock`, and MPI was initialised with
+    // `Threading::Serialized`, which allows calls from any thread one at a time.
     unsafe impl Send for Mpi {}
     unsafe impl Sync for Mpi {}
 
@@ -521,8 +523,8 @@ mod mpi_transport {
         pub(super) fn world() -> Result<Self> {
             let mut guard = UNIVERSE.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
-                let (u, _) =
-                    mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or_else(|| {
+                let (u, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+                    .ok_or_else(|| {
                         Error::Config(
                             "cannot initialise MPI: it was already initialised (or \
                              finalised) elsewhere in this process"
@@ -535,7 +537,12 @@ mod mpi_transport {
             }
             let world = guard.as_ref().expect("initialised above").0.world();
             let (rank, size) = (world.rank() as usize, world.size() as usize);
-            Ok(Mpi { world, rank, size })
+            Ok(Mpi {
+                world,
+                rank,
+                size,
+                lock: Mutex::new(()),
+            })
         }
     }
 
@@ -547,17 +554,30 @@ mod mpi_transport {
             self.size
         }
         fn all_gather(&self, mine: &[u8]) -> Vec<Vec<u8>> {
-            let len = mine.len() as Count;
+            let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let Ok(len) = Count::try_from(mine.len()) else {
+                eprintln!(
+                    "metagrad: rank {} has {} bytes to exchange, more than MPI counts \
+                     (2 GiB); aborting",
+                    self.rank,
+                    mine.len()
+                );
+                self.world.abort(4)
+            };
             let mut counts = vec![0 as Count; self.size];
             self.world.all_gather_into(&len, &mut counts[..]);
-            let displs: Vec<Count> = counts
-                .iter()
-                .scan(0, |acc, &c| {
-                    let d = *acc;
-                    *acc += c;
-                    Some(d)
-                })
-                .collect();
+            let mut displs: Vec<Count> = Vec::with_capacity(self.size);
+            let mut at: Count = 0;
+            for &c in &counts {
+                displs.push(at);
+                at = at.checked_add(c).unwrap_or_else(|| {
+                    eprintln!(
+                        "metagrad: the ranks' results exceed MPI's 2 GiB per exchange; \
+                         aborting (use fewer tasks per meta-batch or f32)"
+                    );
+                    self.world.abort(4)
+                });
+            }
             let total: usize = counts.iter().map(|&c| c as usize).sum();
             let mut buf = vec![0u8; total];
             {

@@ -59,7 +59,8 @@ pub enum Error {
     NonFinite {
         /// What was running: `"meta_step"`, `"reptile_step"` or `"evaluate"`.
         during: &'static str,
-        /// The learner's meta-step counter at the time.
+        /// The meta-batch it happened at: [`MetaLearner::meta_batches`](crate::meta::MetaLearner::meta_batches),
+        /// steps taken plus steps skipped before it (0-based).
         step: u64,
         /// Indices (in the batch given) of the tasks whose loss or gradient is not
         /// finite; empty when every task was finite and only the combined update was not.

@@ -152,7 +152,12 @@ impl Wire for Outcome {
                 index: 0,
                 message: String::get(input)?,
             }),
-            _ => Err(Error::Config(String::get(input)?)),
+            3 => Err(Error::Config(String::get(input)?)),
+            t => {
+                return Err(Error::Config(format!(
+                    "malformed message between ranks: evaluation outcome tag {t}"
+                )))
+            }
         }))
     }
 }

@@ -50,8 +50,10 @@ fn command(np: Option<usize>, bin: &Path, args: &[&str]) -> Command {
     let mut c = match np {
         None => Command::new(bin),
         Some(n) => {
-            let mut c = Command::new("mpirun");
-            c.args(["-np", &n.to_string(), "--oversubscribe"]).arg(bin);
+            // A hung job fails the test instead of stalling CI.
+            let mut c = Command::new("timeout");
+            c.args(["300", "mpirun", "-np", &n.to_string(), "--oversubscribe"])
+                .arg(bin);
             c
         }
     };
@@ -243,10 +245,11 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_bitwise() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Kill one rank (a child of mpirun running the example) with SIGKILL.
+    // Kill one rank (a process whose command line starts with the example, unlike
+    // mpirun's and timeout's) with SIGKILL.
     let ranks = String::from_utf8(
         Command::new("pgrep")
-            .args(["-f", &format!("{} --quick --train-k 5", bin.display())])
+            .args(["-f", &format!("^{} --quick --train-k 5", bin.display())])
             .output()
             .unwrap()
             .stdout,
@@ -269,4 +272,29 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_bitwise() {
     resume.push("--resume");
     let got = run(None, &bin, &resume);
     assert_eq!(sinusoid_digests(&got), want);
+}
+
+#[test]
+fn ranks_started_with_different_commands_are_refused() {
+    let bin = example("sinusoid");
+    let out = tmp("mpmd");
+    let b = bin.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    // MPMD: rank 0 with seed 0, rank 1 with seed 1.
+    let args = |seed: &'static str| ["--quick", "--steps", "5", "--seed", seed, "--out", o];
+    let mut c = Command::new("timeout");
+    c.args(["120", "mpirun", "--oversubscribe", "-np", "1", b])
+        .args(args("0"))
+        .args([":", "-np", "1", b])
+        .args(args("1"))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ranks with different seeds ran");
+    assert_ne!(out.status.code(), Some(124), "the job hung");
+    assert!(
+        text.contains("command line") && text.contains("rank 1"),
+        "{text}"
+    );
 }

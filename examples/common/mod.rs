@@ -77,6 +77,20 @@ fn silence() {
 pub fn main(threads: usize, run: impl FnOnce() -> Result<(), Box<dyn Error>>) -> ExitCode {
     match metagrad::dist::Comm::from_env() {
         Ok(c) => {
+            // Every rank must run the same command (but for its thread count).
+            let mut words = std::env::args().skip(1).peekable();
+            let mut command = Vec::new();
+            while let Some(w) = words.next() {
+                if w == "--threads" {
+                    words.next();
+                } else if !w.starts_with("--threads=") {
+                    command.push(w);
+                }
+            }
+            if let Err(e) = c.check_same(&[("the command line", command.join(" "))]) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
             if !c.is_root() {
                 silence();
             }

@@ -275,6 +275,12 @@ fn all_finite<F: Float>(a: &ArrayD<F>) -> bool {
     a.iter().all(|v| v.is_finite())
 }
 
+fn observed_finite<F: Float>(observed: &[Observed<F>]) -> bool {
+    observed
+        .iter()
+        .all(|o| o.mean.iter().chain(&o.var).all(|v| v.is_finite()))
+}
+
 /// The first running statistic that is not finite, named.
 fn first_non_finite_stats<F: Float>(norm: &NormState<F>) -> Option<String> {
     norm.stats.iter().enumerate().find_map(|(layer, steps)| {
@@ -387,6 +393,20 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         comm.check_same(&self.fingerprint())?;
         self.comm = comm;
         Ok(self)
+    }
+
+    /// Checks again that every rank holds the same float type, model, configuration,
+    /// step, parameters and statistics — after each rank restored a checkpoint of its own,
+    /// say (without a shared filesystem, a stale file on one host would otherwise make the
+    /// ranks diverge).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming what differs between the ranks.
+    pub fn check_ranks(&self) -> Result<()>
+    where
+        M: Debug,
+    {
+        self.comm.check_same(&self.fingerprint())
     }
 
     /// What must be equal on every rank, named.
@@ -555,7 +575,9 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let grads = t.grad(loss, &theta, false);
         let grads: Vec<ArrayD<F>> = grads.into_iter().map(|g| t.take(g)).collect();
         GroupResult {
-            finite: value.is_finite() && grads.iter().all(all_finite),
+            finite: value.is_finite()
+                && grads.iter().all(all_finite)
+                && observed_finite(&ctx.observed),
             result: grads,
             loss: value,
             accuracy: acc,
@@ -674,7 +696,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         match self.config.on_non_finite {
             NonFinite::Error => Err(Error::NonFinite {
                 during,
-                step: self.step,
+                step: self.meta_batches(),
                 tasks: batch.bad_tasks,
                 param,
             }),
@@ -718,10 +740,30 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 self.params.len()
             )));
         }
+        if let Some(o) = observed.iter().find(|o| {
+            self.norm.stats.get(o.layer).is_none_or(|steps| {
+                let r = &steps[o.step.min(steps.len() - 1)];
+                o.mean.len() != r.mean.len() || o.var.len() != r.var.len()
+            })
+        }) {
+            return Err(Error::Config(format!(
+                "observed statistics for batch norm {} (inner step {}, {} channels) do not \
+                 match the learner's running statistics",
+                o.layer,
+                o.step,
+                o.mean.len()
+            )));
+        }
+        if let Some(n) = opt.state_len().filter(|&n| n != self.params.len()) {
+            return Err(Error::Config(format!(
+                "the optimiser holds state for {n} tensors, the learner has {}",
+                self.params.len()
+            )));
+        }
         self.try_apply(update, observed, opt)
             .map_err(|param| Error::NonFinite {
                 during: "apply",
-                step: self.step,
+                step: self.meta_batches(),
                 tasks: Vec::new(),
                 param,
             })
@@ -801,7 +843,9 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                     .collect();
                 let loss = t.item(run.loss);
                 GroupResult {
-                    finite: loss.is_finite() && phi.iter().all(all_finite),
+                    finite: loss.is_finite()
+                        && phi.iter().all(all_finite)
+                        && observed_finite(&ctx.observed),
                     result: phi,
                     loss,
                     accuracy: acc,
@@ -813,7 +857,12 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let inv = F::c(1.0 / n as f64);
         // θ − mean(φ), accumulated as θ − Σ φ/n in task order.
         let theta = self.params.tensors().to_vec();
-        let b = Self::reduce(theta, per_task, n, -inv);
+        let mut b = Self::reduce(theta, per_task, n, -inv);
+        // The learned inner rates (if any) are not Reptile's to move: exactly zero, not
+        // θ − Σθ/n, whose rounding Adam would scale up into a real step.
+        b.sums[self.net_len..]
+            .iter_mut()
+            .for_each(|d| d.fill(F::zero()));
         let batch = BatchResult {
             update: b.sums,
             stats: b.stats,
@@ -848,7 +897,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         if !loss.is_finite() {
             return Err(Error::NonFinite {
                 during: "evaluate",
-                step: self.step,
+                step: self.meta_batches(),
                 tasks: vec![0],
                 param: None,
             });

@@ -118,6 +118,15 @@ impl<F: Float> Optimizer<F> {
         Ok(())
     }
 
+    /// Number of parameter tensors the optimiser holds state for (`None` before Adam's
+    /// first step, and for SGD).
+    pub fn state_len(&self) -> Option<usize> {
+        match &self.rule {
+            OuterRule::Adam { m, .. } if !m.is_empty() => Some(m.len()),
+            _ => None,
+        }
+    }
+
     /// The index of the first parameter tensor whose optimiser state (Adam's moments) is
     /// not finite, if any.
     pub fn first_non_finite_state(&self) -> Option<usize> {

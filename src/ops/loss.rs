@@ -151,6 +151,10 @@ impl<F: Float> Tape<F> {
             labels.len()
         );
         let (n, k) = (s[0], s[1]);
+        assert!(
+            k > 0,
+            "metagrad::sparse_cross_entropy: logits {s:?} have no classes"
+        );
         if let Some((i, &bad)) = labels.iter().enumerate().find(|(_, &y)| y >= k) {
             panic!(
                 "metagrad::sparse_cross_entropy: label {bad} at row {i} is out of range for \
@@ -162,10 +166,6 @@ impl<F: Float> Tape<F> {
             in_shape: vec![n, k],
             out_shape: vec![n],
         };
-        assert!(
-            k > 0 || n == 0,
-            "metagrad::sparse_cross_entropy: logits {s:?} have no classes"
-        );
         let lp = self.log_softmax(logits);
         let picked = self.gather(lp, Arc::new(map));
         mean_of_rows(self, picked, n)

@@ -272,7 +272,11 @@ struct BatchResult<F: Float> {
 }
 
 fn all_finite<F: Float>(a: &ArrayD<F>) -> bool {
-    a.iter().all(|v| v.is_finite())
+    // Without short-circuiting, so that the scan vectorises.
+    match a.as_slice_memory_order() {
+        Some(s) => s.iter().fold(true, |ok, v| ok & v.is_finite()),
+        None => a.iter().all(|v| v.is_finite()),
+    }
 }
 
 fn observed_finite<F: Float>(observed: &[Observed<F>]) -> bool {
@@ -777,25 +781,29 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         observed: &[Observed<F>],
         opt: &mut Optimizer<F>,
     ) -> std::result::Result<(), Option<String>> {
-        let names = self.params.names();
-        if let Some(i) = update.iter().position(|g| !all_finite(g)) {
-            return Err(Some(names[i].clone()));
-        }
-        let (mut params, mut next_opt, mut norm) =
-            (self.params.clone(), opt.clone(), self.norm.clone());
-        next_opt.step(params.tensors_mut(), update);
+        // A non-finite update component always makes the new parameters or the
+        // optimiser's state non-finite, so the results alone are checked; the update is
+        // scanned only to name the parameter when something failed.
+        let mut tensors = self.params.tensors().to_vec();
+        let (mut next_opt, mut norm) = (opt.clone(), self.norm.clone());
+        next_opt.step(&mut tensors, update);
         norm.update(observed);
-        let bad = params
-            .tensors()
-            .iter()
-            .position(|p| !all_finite(p))
-            .or_else(|| next_opt.first_non_finite_state())
-            .map(|i| names[i].clone())
-            .or_else(|| first_non_finite_stats(&norm));
-        if bad.is_some() {
-            return Err(bad);
+        let failed = !tensors.iter().all(all_finite)
+            || next_opt.first_non_finite_state().is_some()
+            || first_non_finite_stats(&norm).is_some();
+        if failed {
+            let names = self.params.names();
+            return Err(update
+                .iter()
+                .position(|g| !all_finite(g))
+                .or_else(|| tensors.iter().position(|p| !all_finite(p)))
+                .or_else(|| next_opt.first_non_finite_state())
+                .map(|i| names[i].clone())
+                .or_else(|| first_non_finite_stats(&norm)));
         }
-        self.params = params;
+        for (p, t) in self.params.tensors_mut().iter_mut().zip(tensors) {
+            *p = t;
+        }
         self.norm = norm;
         *opt = next_opt;
         self.step += 1;

@@ -513,7 +513,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         "filters": args.filters,
         "meta_steps": learner.step,
         "skipped_steps": learner.skipped_steps,
-        "params_digest": common::params_digest(&learner),
+        "params_digest": format!("{:016x}", learner.params.digest()),
         "ranks": common::comm().size(),
         "bytes_sent_received": common::comm().traffic(),
         "meta_batch": args.meta_batch,

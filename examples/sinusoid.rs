@@ -632,7 +632,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
                     "train_seconds": train_s,
                     "eval_seconds": eval_s,
                     "skipped_steps": learner.skipped_steps,
-                    "params_digest": common::params_digest(learner),
+                    "params_digest": format!("{:016x}", learner.params.digest()),
                 });
                 if args.checkpoint_dir.is_some() {
                     entry["resumed_from_step"] = json!(first);

@@ -44,18 +44,6 @@ pub fn writes_files() -> bool {
     comm().is_root()
 }
 
-/// A digest of a learner's parameters, for comparing runs bit for bit (RESULT's
-/// `params_digest`: equal on any number of threads and ranks).
-pub fn params_digest<M>(learner: &MetaLearner<f32, M>) -> String {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for t in learner.params.tensors() {
-        for v in t.iter() {
-            h = (h ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    format!("{h:016x}")
-}
-
 /// Silences this process's stdout and stderr (ranks other than 0 under MPI: every rank
 /// computes the same thing, and rank 0 reports it).
 fn silence() {

@@ -271,25 +271,27 @@ struct BatchResult<F: Float> {
     bad_tasks: Vec<usize>,
 }
 
+/// Whether every value is finite, without short-circuiting (so that the scan vectorises).
+fn finite<F: Float>(values: &[F]) -> bool {
+    values.iter().fold(true, |ok, v| ok & v.is_finite())
+}
+
 fn all_finite<F: Float>(a: &ArrayD<F>) -> bool {
-    // Without short-circuiting, so that the scan vectorises.
     match a.as_slice_memory_order() {
-        Some(s) => s.iter().fold(true, |ok, v| ok & v.is_finite()),
+        Some(s) => finite(s),
         None => a.iter().all(|v| v.is_finite()),
     }
 }
 
 fn observed_finite<F: Float>(observed: &[Observed<F>]) -> bool {
-    observed
-        .iter()
-        .all(|o| o.mean.iter().chain(&o.var).all(|v| v.is_finite()))
+    observed.iter().all(|o| finite(&o.mean) && finite(&o.var))
 }
 
 /// The first running statistic that is not finite, named.
 fn first_non_finite_stats<F: Float>(norm: &NormState<F>) -> Option<String> {
     norm.stats.iter().enumerate().find_map(|(layer, steps)| {
         steps.iter().enumerate().find_map(|(step, r)| {
-            let bad = r.mean.iter().chain(&r.var).any(|v| !v.is_finite());
+            let bad = !(finite(&r.mean) && finite(&r.var));
             bad.then(|| format!("running statistics of batch norm {layer} (inner step {step})"))
         })
     })
@@ -418,20 +420,14 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     where
         M: Debug,
     {
-        let digest = |a: &mut u64, v: f64| {
-            *a = (*a ^ v.to_bits()).wrapping_mul(0x100_0000_01b3);
-        };
-        let mut params = 0xcbf2_9ce4_8422_2325u64;
-        for t in self.params.tensors() {
-            t.iter().for_each(|v| digest(&mut params, v.f64()));
-        }
-        let mut norm = 0xcbf2_9ce4_8422_2325u64;
-        for r in self.norm.stats.iter().flatten() {
-            r.mean
+        let params = self.params.digest();
+        let norm = crate::nn::params::digest_floats(
+            self.norm
+                .stats
                 .iter()
-                .chain(&r.var)
-                .for_each(|v| digest(&mut norm, v.f64()));
-        }
+                .flatten()
+                .flat_map(|r| r.mean.iter().chain(&r.var).copied()),
+        );
         vec![
             ("the float type", std::any::type_name::<F>().to_string()),
             ("the model", format!("{:?}", self.model)),

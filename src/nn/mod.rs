@@ -22,7 +22,7 @@
 pub mod layers;
 pub mod models;
 pub mod norm;
-mod params;
+pub(crate) mod params;
 
 pub use models::{Conv4, Downsample, Mlp, Model, NormKind};
 pub use norm::{Ctx, NormMode, NormState, Observed, RunningStats};

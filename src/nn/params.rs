@@ -104,6 +104,12 @@ impl<F: Float> Params<F> {
         self.tensors.iter().map(|p| t.constant(p.clone())).collect()
     }
 
+    /// A 64-bit digest of the values' bit patterns (FNV-1a, in order): equal for bitwise
+    /// equal parameters, for comparing runs, thread counts and ranks at a glance.
+    pub fn digest(&self) -> u64 {
+        digest_floats(self.tensors.iter().flat_map(|t| t.iter().copied()))
+    }
+
     /// Whether `other` has the same names and shapes.
     ///
     /// # Errors
@@ -147,4 +153,11 @@ impl<F: Float> Params<F> {
                 .collect(),
         }
     }
+}
+
+/// FNV-1a over the values' `f64` bit patterns, in order (see [`Params::digest`]).
+pub(crate) fn digest_floats<F: Float>(values: impl IntoIterator<Item = F>) -> u64 {
+    values.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, v| {
+        (h ^ v.f64().to_bits()).wrapping_mul(0x100_0000_01b3)
+    })
 }

@@ -176,12 +176,10 @@ impl<F: Float> Tape<F> {
 /// (f32 `[[1.7e38, −1.7e38]] × 2` has a finite loss); NaN for no rows (the mean of
 /// nothing).
 fn mean_of_rows<F: Float>(t: &mut Tape<F>, terms: Var, n: usize) -> Var {
-    let scale = if n == 0 { f64::NAN } else { -1.0 / n as f64 };
-    let scaled = t.mul_scalar(terms, scale);
-    let s = t.sum(scaled);
     if n == 0 {
-        t.mul_scalar(s, f64::NAN)
-    } else {
-        s
+        let s = t.sum(terms); // zero: a sum over nothing
+        return t.mul_scalar(s, f64::NAN);
     }
+    let scaled = t.mul_scalar(terms, -1.0 / n as f64);
+    t.sum(scaled)
 }

@@ -842,3 +842,37 @@ fn the_checks_catch_a_wrong_derivative() {
     );
     assert!(!r.passed(), "gradgradcheck must fail: {r}");
 }
+
+/// Batches whose samples share a matrix product in groups, with a last, partial group
+/// (7 samples of 12×12 or 5×5, 3×3 kernel): the forward op equals the direct formula, and
+/// the two adjoints satisfy `<gy, conv(x, w)> = <conv_input_grad(gy, w), x> =
+/// <conv_weight_grad(x, gy), w>`.
+#[test]
+fn grouped_samples_match_the_direct_formula_and_the_adjoint_identity() {
+    for (n, h, seed) in [(7, 12, 200), (40, 5, 210), (3, 30, 220)] {
+        let x = rnd(&[n, 3, h, h], seed);
+        let w = rnd(&[4, 3, 3, 3], seed + 1);
+        let mut t = Tape::<f64>::new();
+        let (xv, wv) = (t.param(x.clone()), t.param(w.clone()));
+        let y = t.conv2d(xv, wv, 1, 1);
+        let d = max_abs_diff(t.value(y), &naive_conv(&x, &w, 1));
+        assert!(d < 1e-12, "N {n}, {h}x{h}: {d}");
+        let gy = rnd(t.shape(y), seed + 2);
+        let geom = match t.op(y) {
+            metagrad::tape::Op::Conv2d(_, _, g) => *g,
+            op => panic!("unexpected op {op:?}"),
+        };
+        let gv = t.constant(gy.clone());
+        let dx = t.conv2d_input_grad(gv, wv, geom);
+        let dw = t.conv2d_weight_grad(xv, gv, geom);
+        let dot = |a: &ArrayD<f64>, b: &ArrayD<f64>| (a * b).sum();
+        let (lhs, via_x, via_w) = (
+            dot(&gy, t.value(y)),
+            dot(t.value(dx), &x),
+            dot(t.value(dw), &w),
+        );
+        let tol = 1e-10 * lhs.abs().max(1.0);
+        assert!((lhs - via_x).abs() < tol, "N {n}: {lhs} vs {via_x}");
+        assert!((lhs - via_w).abs() < tol, "N {n}: {lhs} vs {via_w}");
+    }
+}

@@ -440,7 +440,9 @@ impl<F: Float> Tape<F> {
         }
         let (xs, gs) = (flat(self.value(x)), flat(self.value(gy)));
         let per = samples_per_product(&g);
-        let mut out = vec![F::zero(); g.o * ckk];
+        // The transpose `[C·kh·kw, O]` is accumulated: the matrix kernels then pack the
+        // narrow `gy` operand instead of the columns (measured faster).
+        let mut outt = vec![F::zero(); ckk * g.o];
         let mut cols = vec![F::zero(); ckk * per * hw];
         let mut wide = vec![F::zero(); g.o * per * hw];
         for first in (0..g.n).step_by(per) {
@@ -452,14 +454,17 @@ impl<F: Float> Tape<F> {
                 im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
             }
             gemm(
-                mat(wide, g.o, ld),
                 mat(cols, ckk, ld),
+                mat(wide, g.o, ld),
                 false,
                 true,
-                &mut mat_mut(&mut out, g.o, ckk),
+                &mut mat_mut(&mut outt, ckk, g.o),
                 F::one(),
             );
         }
+        let out: Vec<F> = (0..g.o * ckk)
+            .map(|i| outt[(i % ckk) * g.o + i / ckk])
+            .collect();
         let value = from_vec(&[g.o, g.c, g.kh, g.kw], out);
         self.push(value, Op::Conv2dWeightGrad(x, gy, g), &[x, gy])
     }

@@ -220,6 +220,11 @@ fn convolution_forward_and_its_adjoints() {
             move |t, v| t.conv2d(v[0], v[1], stride, pad),
             &[x.clone(), w.clone()],
         );
+        check(
+            "conv2d_bias",
+            move |t, v| t.conv2d_bias(v[0], v[1], v[2], stride, pad),
+            &[x.clone(), w.clone(), rnd(&[3], 45 + h as u64)],
+        );
         // The adjoints on their own, as ops of two inputs.
         let mut t = Tape::<f64>::new();
         let (xv, wv) = (t.param(x.clone()), t.param(w.clone()));
@@ -787,6 +792,18 @@ fn shape_misuse_names_the_op_and_both_shapes() {
     let a = t.constant(ArrayD::zeros(IxDyn(&[2, 3])));
     let b = t.constant(ArrayD::zeros(IxDyn(&[4])));
     t.add(a, b);
+}
+
+#[test]
+#[should_panic(
+    expected = "metagrad::conv2d_bias: bias [3] does not fit weight [4, 1, 3, 3] (expected [4])"
+)]
+fn conv_bias_misuse_names_both_shapes() {
+    let mut t = Tape::<f32>::new();
+    let x = t.constant(ArrayD::zeros(IxDyn(&[1, 1, 5, 5])));
+    let w = t.constant(ArrayD::zeros(IxDyn(&[4, 1, 3, 3])));
+    let b = t.constant(ArrayD::zeros(IxDyn(&[3])));
+    t.conv2d_bias(x, w, b, 1, 1);
 }
 
 #[test]

@@ -20,10 +20,7 @@ pub fn linear<F: Float>(t: &mut Tape<F>, x: Var, w: Var, b: Var) -> Var {
 /// If the shapes do not fit.
 #[track_caller]
 pub fn conv2d<F: Float>(t: &mut Tape<F>, x: Var, w: Var, b: Var, stride: usize, pad: usize) -> Var {
-    let y = t.conv2d(x, w, stride, pad);
-    let o = t.shape(b)[0];
-    let b = t.reshape(b, &[1, o, 1, 1]);
-    t.add(y, b)
+    t.conv2d_bias(x, w, b, stride, pad)
 }
 
 /// `[N, ...]` → `[N, rest]`.

@@ -318,18 +318,44 @@ impl<F: Float> Tape<F> {
     /// is larger than the padded input.
     #[track_caller]
     pub fn conv2d(&mut self, x: Var, w: Var, stride: usize, pad: usize) -> Var {
+        let geom = self.conv_geom("conv2d", x, w, stride, pad);
+        self.conv2d_geom(x, w, geom)
+    }
+
+    /// [`Tape::conv2d`] plus a bias `b: [O]` for each output channel, as one op: the bias
+    /// is added while the product is written out, instead of in a pass of its own.
+    ///
+    /// # Panics
+    /// As [`Tape::conv2d`], and if `b` is not `[O]`.
+    #[track_caller]
+    pub fn conv2d_bias(&mut self, x: Var, w: Var, b: Var, stride: usize, pad: usize) -> Var {
+        let geom = self.conv_geom("conv2d_bias", x, w, stride, pad);
+        assert!(
+            self.shape(b) == [geom.o],
+            "metagrad::conv2d_bias: bias {:?} does not fit weight {:?} (expected [{}])",
+            self.shape(b),
+            self.shape(w),
+            geom.o
+        );
+        let value = self.conv_forward(x, w, Some(b), geom);
+        self.push(value, Op::Conv2dBias(x, w, b, geom), &[x, w, b])
+    }
+
+    /// The geometry of `conv2d(x, w)`, after checking the shapes.
+    #[track_caller]
+    fn conv_geom(&self, name: &str, x: Var, w: Var, stride: usize, pad: usize) -> ConvGeom {
         let (sx, sw) = (self.shape(x), self.shape(w));
         assert!(
             sx.len() == 4 && sw.len() == 4 && sx[1] == sw[1],
-            "metagrad::conv2d: input {sx:?} (N, C, H, W) and weight {sw:?} (O, C, kh, kw) \
+            "metagrad::{name}: input {sx:?} (N, C, H, W) and weight {sw:?} (O, C, kh, kw) \
              do not match"
         );
         assert!(
             stride > 0 && sx[2] + 2 * pad >= sw[2] && sx[3] + 2 * pad >= sw[3],
-            "metagrad::conv2d: kernel {sw:?} with stride {stride} and padding {pad} does not \
+            "metagrad::{name}: kernel {sw:?} with stride {stride} and padding {pad} does not \
              fit input {sx:?}"
         );
-        let geom = ConvGeom {
+        ConvGeom {
             n: sx[0],
             c: sx[1],
             h: sx[2],
@@ -339,18 +365,23 @@ impl<F: Float> Tape<F> {
             kw: sw[3],
             stride,
             pad,
-        };
-        self.conv2d_geom(x, w, geom)
+        }
     }
 
     #[track_caller]
     pub(crate) fn conv2d_geom(&mut self, x: Var, w: Var, g: ConvGeom) -> Var {
+        let value = self.conv_forward(x, w, None, g);
+        self.push(value, Op::Conv2d(x, w, g), &[x, w])
+    }
+
+    /// The value of `conv(x, w)`, plus `b` per output channel if given.
+    fn conv_forward(&self, x: Var, w: Var, b: Option<Var>, g: ConvGeom) -> ArrayD<F> {
         if g.is_empty() {
-            let value = ArrayD::zeros(IxDyn(&[g.n, g.o, g.ho(), g.wo()]));
-            return self.push(value, Op::Conv2d(x, w, g), &[x, w]);
+            return ArrayD::zeros(IxDyn(&[g.n, g.o, g.ho(), g.wo()]));
         }
         let (hw, ckk) = (g.ho() * g.wo(), g.c * g.kh * g.kw);
         let (xs, ws) = (flat(self.value(x)), flat(self.value(w)));
+        let bias = b.map(|b| flat(self.value(b)));
         let per = samples_per_product(&g);
         let mut cols = vec![F::zero(); ckk * col_stride(per * hw)];
         let mut wide = vec![F::zero(); g.o * col_stride(per * hw)];
@@ -372,13 +403,16 @@ impl<F: Float> Tape<F> {
             );
             // `wide` is `[O, count·Ho·Wo]`; the output is `[count, O, Ho·Wo]`.
             for s in 0..count {
-                for row in wide.chunks_exact(ld) {
-                    out.extend_from_slice(&row[s * hw..(s + 1) * hw]);
+                for (o, row) in wide.chunks_exact(ld).enumerate() {
+                    let row = &row[s * hw..(s + 1) * hw];
+                    match bias {
+                        Some(b) => out.extend(row.iter().map(|&v| v + b[o])),
+                        None => out.extend_from_slice(row),
+                    }
                 }
             }
         }
-        let value = from_vec(&[g.n, g.o, g.ho(), g.wo()], out);
-        self.push(value, Op::Conv2d(x, w, g), &[x, w])
+        from_vec(&[g.n, g.o, g.ho(), g.wo()], out)
     }
 
     /// The adjoint of [`Tape::conv2d`] in its input: the transposed convolution of

@@ -236,6 +236,7 @@ impl Op {
             Op::Concat(vs, _) => vs.iter().for_each(|&v| f(v)),
             Op::BatchNorm(bn) => [bn.x, bn.gamma, bn.beta].into_iter().for_each(f),
             Op::BatchNormGrad(bg) => [bg.x, bg.gamma, bg.g].into_iter().for_each(f),
+            Op::Conv2dBias(x, w, b, _) => [*x, *w, *b].into_iter().for_each(f),
             op => {
                 let (a, b) = op.operands();
                 a.into_iter().chain(b).for_each(f);
@@ -243,10 +244,14 @@ impl Op {
         }
     }
 
-    /// Up to two operands (every op but `Concat`, whose inputs are a list).
+    /// Up to two operands (every op of at most two; `for_each_input` lists the others).
     fn operands(&self) -> (Option<Var>, Option<Var>) {
         match self {
-            Op::Leaf | Op::Concat(..) | Op::BatchNorm(_) | Op::BatchNormGrad(_) => (None, None),
+            Op::Leaf
+            | Op::Concat(..)
+            | Op::BatchNorm(_)
+            | Op::BatchNormGrad(_)
+            | Op::Conv2dBias(..) => (None, None),
             Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) => (Some(*a), Some(*b)),
             Op::MatMul { a, b, .. } => (Some(*a), Some(*b)),
             Op::Conv2d(a, b, _) | Op::Conv2dInputGrad(a, b, _) | Op::Conv2dWeightGrad(a, b, _) => {

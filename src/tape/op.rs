@@ -184,6 +184,10 @@ pub enum Op {
     },
     /// 2-D convolution `conv(x, w)`, NCHW.
     Conv2d(Var, Var, ConvGeom),
+    /// [`Op::Conv2d`] with a bias `b: [O]` added to each output channel on the way out:
+    /// `conv(x, w) + b`, one op instead of a convolution and a broadcast add (which made
+    /// a pass of its own over the output). Operands `x, w, b`.
+    Conv2dBias(Var, Var, Var, ConvGeom),
     /// The convolution's adjoint in its input, `conv_input_grad(g, w)`: the transposed
     /// convolution of `g` with `w`, of the input's shape.
     Conv2dInputGrad(Var, Var, ConvGeom),
@@ -231,6 +235,7 @@ impl Op {
             Op::ScatterAdd(..) => "scatter_add",
             Op::MatMul { .. } => "matmul",
             Op::Conv2d(..) => "conv2d",
+            Op::Conv2dBias(..) => "conv2d_bias",
             Op::Conv2dInputGrad(..) => "conv2d_input_grad",
             Op::Conv2dWeightGrad(..) => "conv2d_weight_grad",
             Op::LogSoftmax(..) => "log_softmax",

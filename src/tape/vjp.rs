@@ -174,6 +174,11 @@ pub(super) fn vjp<F: Float>(
             put!(*x, &mut |t| t.conv2d_input_grad(g, *w, *geom));
             put!(*w, &mut |t| t.conv2d_weight_grad(*x, g, *geom));
         }
+        Op::Conv2dBias(x, w, b, geom) => {
+            put!(*x, &mut |t| t.conv2d_input_grad(g, *w, *geom));
+            put!(*w, &mut |t| t.conv2d_weight_grad(*x, g, *geom));
+            put!(*b, &mut |t| t.sum_axes(g, &[0, 2, 3], false));
+        }
         Op::Conv2dInputGrad(gy, w, geom) => {
             put!(*gy, &mut |t| t.conv2d_geom(g, *w, *geom));
             put!(*w, &mut |t| t.conv2d_weight_grad(g, *gy, *geom));

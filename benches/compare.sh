@@ -44,8 +44,11 @@ run() {
   awk '{ printf "%.0f", $1 / 1024 }' "$tmp/$name.kb" > "$tmp/$name.rss" 2>/dev/null || echo - > "$tmp/$name.rss"
 }
 median() { awk -v w="$1" '$1 == w && $2 == "median" { print $3; exit }' "$2"; }
+# json KEY FILE: a number from the bench's JSON line.
+json() { sed -n "s/.*\"$1\":\([0-9.e+-]*\).*/\1/p" "$2" | head -1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }'; }
-printf '\n%-24s %10s %10s %11s %9s %9s %10s %10s\n' workload "torch s" "jax s" "metagrad s" "vs torch" "vs jax" "torch MiB" "ours MiB"
+peak=""
+printf '\n%-24s %10s %10s %11s %9s %9s %10s %10s %8s\n' workload "torch s" "jax s" "metagrad s" "vs torch" "vs jax" "torch MiB" "ours MiB" "of peak"
 for w in "${only[@]}"; do
   run torch "$venv/bin/python" "$ref/maml_torch.py" --threads "$threads" --steps "$steps" --only "$w"
   j="-"
@@ -55,8 +58,15 @@ for w in "${only[@]}"; do
   fi
   run ours "$bench" --threads "$threads" --steps "$steps" --only "$w"
   t=$(median "$w" "$tmp/torch"); m=$(median "$w" "$tmp/ours")
-  printf '%-24s %10s %10s %11s %9s %9s %10s %10s\n' "$w" "$t" "$j" "$m" "$(ratio "$t" "$m")" "$(ratio "$j" "$m")" "$(cat "$tmp/torch.rss")" "$(cat "$tmp/ours.rss")"
+  # Our peak resident set is the bench's own figure for the workload: the process's
+  # maximum also holds the start-up peak measurement's buffers.
+  rss=$(json peak_rss_mb "$tmp/ours" | awk '{ printf "%.0f", $1 }')
+  frac=$(json fraction_of_peak "$tmp/ours" | awk '{ printf "%.1f%%", 100 * $1 }')
+  peak="$peak $(json peak_gflops "$tmp/ours" | awk '{ printf "%.0f", $1 }')"
+  printf '%-24s %10s %10s %11s %9s %9s %10s %10s %8s\n' "$w" "$t" "$j" "$m" "$(ratio "$t" "$m")" "$(ratio "$j" "$m")" "$(cat "$tmp/torch.rss")" "${rss:--}" "${frac:--}"
 done
+echo "of peak: the fraction of the $threads-thread matrix-product peak that maml_step measured at its start (GFLOP/s per run:$peak)"
 rm -rf "$tmp"
 echo "(ratios > 1 mean metagrad is faster; $threads threads each, median of $steps steps;"
-echo " MiB = peak resident set of the whole process, from /usr/bin/time)"
+echo " torch MiB = peak resident set of the whole process, from /usr/bin/time; ours = the"
+echo " workload's own peak resident set, as maml_step reports it)"

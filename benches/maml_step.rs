@@ -15,6 +15,12 @@
 //! Adam step; task data is made before the timer starts; f32; the median of `--steps`
 //! steps after `--warmup` steps. For each workload a human line like the reference
 //! script's and one JSON line are printed.
+//!
+//! Beside each median: the fraction of the machine's matrix-product peak that the step
+//! reaches. The peak is measured at start-up with `--threads` threads: the `gemm` crate's
+//! kernel (the one the library calls) on square f32 products, n = 512 and 1024, the best
+//! of several repeats. The step's work is counted as the multiply-adds of its matrix
+//! products (convolutions or linear layers), see [`step_flops`].
 
 use metagrad::dist::Comm;
 use metagrad::map_fn::with_threads;
@@ -106,6 +112,150 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
+/// Floating-point operations of one meta-step's matrix products (2 per multiply-add),
+/// counted from the network's layers and the workload's shape.
+///
+/// Per example, `fwd` is the forward pass of every layer (3×3 convolutions of the
+/// Conv-4, or linear layers of the MLP), `dw` the weight adjoints (as much as `fwd`)
+/// and `dx` the input adjoints (as much as `fwd` but for the first layer, whose input is
+/// data). One inner step costs `S·(fwd + dx + dw)` for `S` support examples; the query
+/// pass costs `Q·(fwd + dx + dw)`. Second order adds the backward pass through each
+/// inner step: every recorded adjoint has two adjoints of its own size, and the support
+/// forward pass its own backward, `3·S·(dx + dw)` per step. Elementwise work, norms
+/// and pooling are not counted.
+fn step_flops(w: &Workload) -> f64 {
+    // (cost of the first layer, cost of all layers) per example, forward.
+    let (first, fwd) = if w.omniglot {
+        let (mut c, mut size, mut layers) = (1usize, 28usize, Vec::new());
+        for _ in 0..4 {
+            layers.push(2 * 64 * c * 9 * size * size);
+            c = 64;
+            size /= 2;
+        }
+        (layers[0] as f64, layers.iter().sum::<usize>() as f64)
+    } else {
+        let layers = [2 * 40, 2 * 40 * 40, 2 * 40];
+        (layers[0] as f64, layers.iter().sum::<usize>() as f64)
+    };
+    let (dx, dw) = (fwd - first, fwd);
+    let (s, q) = if w.omniglot {
+        ((w.ways * w.shots) as f64, (w.ways * w.queries) as f64)
+    } else {
+        (w.shots as f64, w.queries as f64)
+    };
+    let steps = w.inner_steps as f64;
+    let mut per_task = steps * s * (fwd + dx + dw) + q * (fwd + dx + dw);
+    if w.second_order {
+        per_task += steps * 3.0 * s * (dx + dw);
+    }
+    per_task * w.meta_batch as f64
+}
+
+/// `len` zeroed f32 mapped straight from the kernel and returned to it on drop, so that
+/// the peak measurement's buffers leave no trace in the workloads' peak resident set
+/// (the tuned allocator would keep them).
+struct Pages {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl Pages {
+    fn new(len: usize) -> Self {
+        // SAFETY: an anonymous private mapping of the requested size; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 4,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(ptr != libc::MAP_FAILED, "maml_step: mmap failed");
+        Pages {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for Pages {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: the mapping holds `len` f32 (zero-initialised by the kernel) and lives
+        // as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Pages {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len * 4) };
+    }
+}
+
+// SAFETY: `Pages` owns its mapping exclusively, like a `Vec<f32>`.
+unsafe impl Send for Pages {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for Pages {}
+
+/// The matrix-product peak of this machine on `threads` threads, in GFLOP/s: each
+/// thread runs its own square f32 product with the `gemm` crate's single-threaded kernel
+/// at the same time (the way the library runs: tasks in parallel, each product on one
+/// thread), n = 512 and 1024; the best of several repeats of the total rate.
+fn matmul_peak(threads: usize) -> f64 {
+    use rayon::prelude::*;
+    let mut best = 0.0f64;
+    for n in [512usize, 1024] {
+        let (mut a, mut b) = (Pages::new(n * n), Pages::new(n * n));
+        a.fill(1.0);
+        b.fill(0.5);
+        let mut cs: Vec<Pages> = (0..threads).map(|_| Pages::new(n * n)).collect();
+        for _ in 0..if n == 512 { 20 } else { 6 } {
+            let t0 = Instant::now();
+            cs.par_iter_mut().with_max_len(1).for_each(|c| {
+                // SAFETY: three distinct n×n row-major buffers, described by their strides.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        n,
+                        n,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        n as isize,
+                        b.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+            let dt = t0.elapsed().as_secs_f64();
+            std::hint::black_box(&cs);
+            best = best.max(threads as f64 * 2.0 * (n * n * n) as f64 / dt / 1e9);
+        }
+    }
+    best
+}
+
 /// Sinusoid tasks exactly as the reference makes them: amplitude U[0.1, 5], phase
 /// U[0, π], x U[−5, 5].
 fn sinusoid_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
@@ -186,6 +336,8 @@ struct Settings {
     threads: usize,
     chunk: Option<usize>,
     comm: Comm,
+    /// The matrix-product peak on `threads` threads, GFLOP/s.
+    peak: f64,
 }
 
 fn run<M: Model<f32> + Clone + std::fmt::Debug>(
@@ -200,6 +352,7 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         threads,
         chunk,
         ref comm,
+        peak,
     } = *settings;
     let mut config = MetaConfig::maml(w.inner_steps, w.inner_lr);
     if let Some(c) = chunk {
@@ -262,6 +415,20 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         "{:24} median {median:9.5} s/step  min {min:9.5}  max {max:9.5}  tasks/s {tps:9.1}  (steps={steps}, warmup={warmup}, meta_batch={}, threads={threads}, first/last loss {:.4}/{:.4}, peak RSS {rss:.0} MiB)",
         w.name, w.meta_batch, losses[0], losses[losses.len() - 1]
     );
+    let gflop = step_flops(w) / 1e9;
+    let fraction = gflop / median / peak;
+    println!(
+        "{:24} {} GFLOP/step in matrix products: {:.1} GFLOP/s = {:.1}% of the {:.0} GFLOP/s peak on {threads} threads",
+        "",
+        if gflop < 1.0 {
+            format!("{gflop:.4}")
+        } else {
+            format!("{gflop:.1}")
+        },
+        gflop / median,
+        100.0 * fraction,
+        peak
+    );
     println!(
         "{:24} non-finite check {:8.1} µs/step = {:.3}% of the median step",
         "",
@@ -273,7 +440,8 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         serde_json::json!({
             "workload": w.name, "median_s": median, "min_s": min, "max_s": max,
             "tasks_per_s": tps, "threads": threads, "steps": steps, "peak_rss_mb": rss,
-            "check_s": check, "ranks": comm.size(),
+            "check_s": check, "ranks": comm.size(), "gflop_per_step": gflop,
+            "peak_gflops": peak, "fraction_of_peak": fraction,
             "bytes_sent_per_step": sent, "bytes_received_per_step": received,
         })
     );
@@ -397,6 +565,10 @@ fn main() {
     if comm.is_root() {
         println!("metagrad maml_step  threads={threads}  steps={steps}  warmup={warmup}  allocator tuned={tuned}");
     }
+    let peak = with_threads(threads, || matmul_peak(threads));
+    if comm.is_root() {
+        println!("matrix-product peak on {threads} threads (gemm kernel, n = 512 and 1024, best of several): {peak:.0} GFLOP/s");
+    }
     let t0 = Instant::now();
     let settings = Settings {
         steps,
@@ -404,6 +576,7 @@ fn main() {
         threads,
         chunk,
         comm,
+        peak,
     };
     let comm = &settings.comm;
     with_threads(threads, || {

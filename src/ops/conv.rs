@@ -13,6 +13,8 @@ use crate::tape::op::{ConvGeom, Gather, NONE};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
 use ndarray::{ArrayD, ArrayView2, ArrayViewMut2, IxDyn};
+use std::any::TypeId;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 /// The output columns `lo..hi` whose input column `ow·stride + j − pad` lies inside
@@ -51,6 +53,44 @@ const PRODUCT_COLUMNS: usize = 512;
 /// operands differently and gain nothing from it.)
 fn col_stride(cols: usize) -> usize {
     cols.div_ceil(16) * 16
+}
+
+/// Scratch buffers up to this many elements are kept per thread between calls; larger
+/// ones are allocated for the call.
+const SCRATCH_KEPT: usize = 1 << 22;
+
+/// Runs `f` on a scratch buffer of `len` elements whose contents are left over from
+/// earlier calls (any values; the caller writes before it reads). For `f32` and `f64`
+/// the buffer is kept per thread between calls: every step of a run has the same shapes,
+/// so the convolutions then allocate, zero and fault in no column buffers after the
+/// first step.
+fn with_scratch<F: Float, R>(len: usize, f: impl FnOnce(&mut [F]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    }
+    let plain =
+        TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>();
+    if !plain || len > SCRATCH_KEPT {
+        return f(&mut vec![F::zero(); len]);
+    }
+    SCRATCH.with(|cell| {
+        let Ok(mut buf) = cell.try_borrow_mut() else {
+            return f(&mut vec![F::zero(); len]);
+        };
+        // Eight words more than needed, so that the slice can start on a 64-byte line.
+        let words = (len * std::mem::size_of::<F>()).div_ceil(8) + 8;
+        if buf.len() < words {
+            buf.resize(words, 0);
+        }
+        let skip = buf.as_ptr().align_offset(64).min(7);
+        // SAFETY: `F` is `f32` or `f64` (checked above), for which every bit pattern is a
+        // value, and whose alignment `u64` storage satisfies; the slice starts `skip ≤ 7`
+        // words in and spans `len · size_of::<F>() ≤ 8 · (words − 8)` bytes, inside the
+        // buffer, which stays mutably borrowed for the call.
+        let scratch =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().add(skip).cast::<F>(), len) };
+        f(scratch)
+    })
 }
 
 /// Sample `n` (`[C, H, W]`) of the input `xs`.
@@ -383,35 +423,38 @@ impl<F: Float> Tape<F> {
         let (xs, ws) = (flat(self.value(x)), flat(self.value(w)));
         let bias = b.map(|b| flat(self.value(b)));
         let per = samples_per_product(&g);
-        let mut cols = vec![F::zero(); ckk * col_stride(per * hw)];
-        let mut wide = vec![F::zero(); g.o * col_stride(per * hw)];
+        let (cl, wl) = (ckk * col_stride(per * hw), g.o * col_stride(per * hw));
+        // `cl` is a multiple of 16, so `wide` starts on a 64-byte line too.
         let mut out = Vec::with_capacity(g.n * g.o * hw);
-        for first in (0..g.n).step_by(per) {
-            let count = per.min(g.n - first);
-            let ld = col_stride(count * hw);
-            let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
-            for s in 0..count {
-                im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
-            }
-            gemm(
-                mat(ws, g.o, ckk),
-                mat(cols, ckk, ld),
-                false,
-                false,
-                &mut mat_mut(wide, g.o, ld),
-                F::zero(),
-            );
-            // `wide` is `[O, count·Ho·Wo]`; the output is `[count, O, Ho·Wo]`.
-            for s in 0..count {
-                for (o, row) in wide.chunks_exact(ld).enumerate() {
-                    let row = &row[s * hw..(s + 1) * hw];
-                    match bias {
-                        Some(b) => out.extend(row.iter().map(|&v| v + b[o])),
-                        None => out.extend_from_slice(row),
+        with_scratch(cl + wl, |buf: &mut [F]| {
+            let (cols, wide) = buf.split_at_mut(cl);
+            for first in (0..g.n).step_by(per) {
+                let count = per.min(g.n - first);
+                let ld = col_stride(count * hw);
+                let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
+                for s in 0..count {
+                    im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
+                }
+                gemm(
+                    mat(ws, g.o, ckk),
+                    mat(cols, ckk, ld),
+                    false,
+                    false,
+                    &mut mat_mut(wide, g.o, ld),
+                    F::zero(),
+                );
+                // `wide` is `[O, count·Ho·Wo]`; the output is `[count, O, Ho·Wo]`.
+                for s in 0..count {
+                    for (o, row) in wide.chunks_exact(ld).enumerate() {
+                        let row = &row[s * hw..(s + 1) * hw];
+                        match bias {
+                            Some(b) => out.extend(row.iter().map(|&v| v + b[o])),
+                            None => out.extend_from_slice(row),
+                        }
                     }
                 }
             }
-        }
+        });
         from_vec(&[g.n, g.o, g.ho(), g.wo()], out)
     }
 
@@ -433,26 +476,28 @@ impl<F: Float> Tape<F> {
         let (gs, ws) = (flat(self.value(gy)), flat(self.value(w)));
         let per = samples_per_product(&g);
         let mut out = vec![F::zero(); g.n * g.c * g.h * g.w];
-        let mut cols = vec![F::zero(); ckk * per * hw];
-        let mut wide = vec![F::zero(); g.o * per * hw];
-        for first in (0..g.n).step_by(per) {
-            let count = per.min(g.n - first);
-            let ld = count * hw;
-            let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
-            side_by_side(gs, &g, first, count, wide);
-            gemm(
-                mat(ws, g.o, ckk),
-                mat(wide, g.o, ld),
-                true,
-                false,
-                &mut mat_mut(cols, ckk, ld),
-                F::zero(),
-            );
-            let xo = &mut out[first * g.c * g.h * g.w..];
-            for (s, xo) in xo.chunks_exact_mut(g.c * g.h * g.w).take(count).enumerate() {
-                col2im(&mut cols[s * hw..], &g, xo, ld);
+        let cl = col_stride(ckk * per * hw); // so that `wide` starts on a 64-byte line
+        with_scratch(cl + g.o * per * hw, |buf: &mut [F]| {
+            let (cols, wide) = buf.split_at_mut(cl);
+            for first in (0..g.n).step_by(per) {
+                let count = per.min(g.n - first);
+                let ld = count * hw;
+                let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
+                side_by_side(gs, &g, first, count, wide);
+                gemm(
+                    mat(ws, g.o, ckk),
+                    mat(wide, g.o, ld),
+                    true,
+                    false,
+                    &mut mat_mut(cols, ckk, ld),
+                    F::zero(),
+                );
+                let xo = &mut out[first * g.c * g.h * g.w..];
+                for (s, xo) in xo.chunks_exact_mut(g.c * g.h * g.w).take(count).enumerate() {
+                    col2im(&mut cols[s * hw..], &g, xo, ld);
+                }
             }
-        }
+        });
         let value = from_vec(&[g.n, g.c, g.h, g.w], out);
         self.push(value, Op::Conv2dInputGrad(gy, w, g), &[gy, w])
     }
@@ -477,25 +522,27 @@ impl<F: Float> Tape<F> {
         // The transpose `[C·kh·kw, O]` is accumulated: the matrix kernels then pack the
         // narrow `gy` operand instead of the columns (measured faster).
         let mut outt = vec![F::zero(); ckk * g.o];
-        let mut cols = vec![F::zero(); ckk * per * hw];
-        let mut wide = vec![F::zero(); g.o * per * hw];
-        for first in (0..g.n).step_by(per) {
-            let count = per.min(g.n - first);
-            let ld = count * hw;
-            let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
-            side_by_side(gs, &g, first, count, wide);
-            for s in 0..count {
-                im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
+        let cl = col_stride(ckk * per * hw); // so that `wide` starts on a 64-byte line
+        with_scratch(cl + g.o * per * hw, |buf: &mut [F]| {
+            let (cols, wide) = buf.split_at_mut(cl);
+            for first in (0..g.n).step_by(per) {
+                let count = per.min(g.n - first);
+                let ld = count * hw;
+                let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
+                side_by_side(gs, &g, first, count, wide);
+                for s in 0..count {
+                    im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
+                }
+                gemm(
+                    mat(cols, ckk, ld),
+                    mat(wide, g.o, ld),
+                    false,
+                    true,
+                    &mut mat_mut(&mut outt, ckk, g.o),
+                    F::one(),
+                );
             }
-            gemm(
-                mat(cols, ckk, ld),
-                mat(wide, g.o, ld),
-                false,
-                true,
-                &mut mat_mut(&mut outt, ckk, g.o),
-                F::one(),
-            );
-        }
+        });
         let out: Vec<F> = (0..g.o * ckk)
             .map(|i| outt[(i % ckk) * g.o + i / ckk])
             .collect();

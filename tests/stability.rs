@@ -362,3 +362,51 @@ fn losses_and_reductions_keep_nan() {
     let m = t.mse(x, y);
     assert!(t.item(m).is_nan());
 }
+
+/// Batch-norm statistics of f32 activations far from zero, with planes whose means
+/// differ (so the per-plane parts must be combined correctly): the mean and variance
+/// agree with a two-pass f64 reference to f32 accuracy, relative to the variance.
+#[test]
+fn batch_norm_statistics_are_accurate_far_from_zero() {
+    let (n, c, p) = (6, 3, 49);
+    let mut state = 12345u64;
+    let mut uniform = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let v: Vec<f32> = (0..n * c * p)
+        .map(|i| {
+            let (sample, ch) = (i / (c * p), (i / p) % c);
+            (1e4 * (ch + 1) as f64 + 3.0 * sample as f64 + uniform()) as f32
+        })
+        .collect();
+    let mut t = Tape::<f32>::new();
+    let x = t.constant(ArrayD::from_shape_vec(IxDyn(&[n, c, 7, 7]), v.clone()).unwrap());
+    let (g, b) = (
+        t.constant(ArrayD::ones(IxDyn(&[c]))),
+        t.constant(ArrayD::zeros(IxDyn(&[c]))),
+    );
+    let (_, stats) = t.batch_norm_batch_stats(x, g, b, 1e-5);
+    for ch in 0..c {
+        let xs: Vec<f64> = (0..n)
+            .flat_map(|s| {
+                v[(s * c + ch) * p..(s * c + ch + 1) * p]
+                    .iter()
+                    .map(|&x| x as f64)
+            })
+            .collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        assert!(
+            (stats.mean[ch] - mean).abs() <= 1e-6 * mean.abs(),
+            "channel {ch} mean"
+        );
+        assert!(
+            (stats.var[ch] - var).abs() <= 1e-4 * var,
+            "channel {ch}: variance {} vs {var}",
+            stats.var[ch]
+        );
+    }
+}

@@ -447,9 +447,10 @@ impl<F: Float> Tape<F> {
                 for s in 0..count {
                     for (o, row) in wide.chunks_exact(ld).enumerate() {
                         let row = &row[s * hw..(s + 1) * hw];
-                        match bias {
-                            Some(b) => out.extend(row.iter().map(|&v| v + b[o])),
-                            None => out.extend_from_slice(row),
+                        let start = out.len();
+                        out.extend_from_slice(row);
+                        if let Some(b) = bias {
+                            out[start..].iter_mut().for_each(|v| *v += b[o]);
                         }
                     }
                 }

@@ -7,6 +7,7 @@
 //! product per sample. Pooling is a [`Gather`] with a computed index map, so its backward
 //! (a scatter-add) and double backward (a gather) come from the shape ops.
 
+use super::broadcast::sum_slice;
 use super::{flat, from_vec};
 use crate::ops::linalg::gemm;
 use crate::tape::op::{ConvGeom, Gather, NONE};
@@ -507,6 +508,29 @@ impl<F: Float> Tape<F> {
     /// the weight `[O, C, kh, kw]`.
     #[track_caller]
     pub fn conv2d_weight_grad(&mut self, x: Var, gy: Var, g: ConvGeom) -> Var {
+        let value = self.weight_grad(x, gy, g, None);
+        self.push(value, Op::Conv2dWeightGrad(x, gy, g), &[x, gy])
+    }
+
+    /// The backward rule of [`Tape::conv2d_bias`] in its weight and bias, fused (no graph
+    /// is recorded): the weight adjoint, and the bias gradient `Σ gy` over N, H, W summed
+    /// from each block of `gy` while the adjoint has it in cache. Returns constants.
+    pub(crate) fn conv2d_weight_bias_grad_fused(
+        &mut self,
+        x: Var,
+        gy: Var,
+        g: ConvGeom,
+    ) -> [Var; 2] {
+        let mut sums = vec![0.0f64; g.o];
+        let dw = self.weight_grad(x, gy, g, Some(&mut sums));
+        let db = from_vec(&[g.o], sums.into_iter().map(F::c).collect());
+        [self.constant(dw), self.constant(db)]
+    }
+
+    /// The value of [`Tape::conv2d_weight_grad`]; with `sums`, also adds each output
+    /// channel's sum of `gy` to it.
+    #[track_caller]
+    fn weight_grad(&self, x: Var, gy: Var, g: ConvGeom, mut sums: Option<&mut [f64]>) -> ArrayD<F> {
         let (hw, ckk) = (g.ho() * g.wo(), g.c * g.kh * g.kw);
         assert!(
             self.shape(gy) == [g.n, g.o, g.ho(), g.wo()] && self.shape(x) == [g.n, g.c, g.h, g.w],
@@ -515,8 +539,7 @@ impl<F: Float> Tape<F> {
             self.shape(gy)
         );
         if g.is_empty() {
-            let value = ArrayD::zeros(IxDyn(&[g.o, g.c, g.kh, g.kw]));
-            return self.push(value, Op::Conv2dWeightGrad(x, gy, g), &[x, gy]);
+            return ArrayD::zeros(IxDyn(&[g.o, g.c, g.kh, g.kw]));
         }
         let (xs, gs) = (flat(self.value(x)), flat(self.value(gy)));
         let per = samples_per_product(&g);
@@ -531,6 +554,11 @@ impl<F: Float> Tape<F> {
                 let ld = count * hw;
                 let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
                 side_by_side(gs, &g, first, count, wide);
+                if let Some(sums) = sums.as_deref_mut() {
+                    for (sum, row) in sums.iter_mut().zip(wide.chunks_exact(ld)) {
+                        *sum += sum_slice(row).f64();
+                    }
+                }
                 for s in 0..count {
                     im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
                 }
@@ -547,8 +575,7 @@ impl<F: Float> Tape<F> {
         let out: Vec<F> = (0..g.o * ckk)
             .map(|i| outt[(i % ckk) * g.o + i / ckk])
             .collect();
-        let value = from_vec(&[g.o, g.c, g.kh, g.kw], out);
-        self.push(value, Op::Conv2dWeightGrad(x, gy, g), &[x, gy])
+        from_vec(&[g.o, g.c, g.kh, g.kw], out)
     }
 
     /// Max-pooling of `x: [N, C, H, W]` with a `k × k` window and the given stride, no

@@ -174,10 +174,17 @@ pub(super) fn vjp<F: Float>(
             put!(*x, &mut |t| t.conv2d_input_grad(g, *w, *geom));
             put!(*w, &mut |t| t.conv2d_weight_grad(*x, g, *geom));
         }
+        // With a bias: its gradient is `g` summed over N, H, W. Fused, that sum is taken
+        // while the weight adjoint has each block of `g` in cache.
         Op::Conv2dBias(x, w, b, geom) => {
             put!(*x, &mut |t| t.conv2d_input_grad(g, *w, *geom));
-            put!(*w, &mut |t| t.conv2d_weight_grad(*x, g, *geom));
-            put!(*b, &mut |t| t.sum_axes(g, &[0, 2, 3], false));
+            if form == Form::Fused && need(*w) && need(*b) {
+                let [dw, db] = t.conv2d_weight_bias_grad_fused(*x, g, *geom);
+                out.extend([(*w, dw), (*b, db)]);
+            } else {
+                put!(*w, &mut |t| t.conv2d_weight_grad(*x, g, *geom));
+                put!(*b, &mut |t| t.sum_axes(g, &[0, 2, 3], false));
+            }
         }
         Op::Conv2dInputGrad(gy, w, geom) => {
             put!(*gy, &mut |t| t.conv2d_geom(g, *w, *geom));

@@ -3,9 +3,10 @@
 //! `conv2d`, its input adjoint `conv2d_input_grad` (a transposed convolution) and its
 //! weight adjoint `conv2d_weight_grad` are three readings of one trilinear form
 //! `<g, conv(x, w)>`, so the backward rule of each is the other two and every order of
-//! derivative stays within the three. Each runs as im2col / col2im plus a matrix
-//! product per sample. Pooling is a [`Gather`] with a computed index map, so its backward
-//! (a scatter-add) and double backward (a gather) come from the shape ops.
+//! derivative stays within the three (`conv2d_bias` adds a bias on the way out). Each
+//! runs as im2col / col2im plus one matrix product per group of samples, their columns
+//! side by side. Pooling is a [`Gather`] with a computed index map, so its backward (a
+//! scatter-add) and double backward (a gather) come from the shape ops.
 
 use super::broadcast::sum_slice;
 use super::{flat, from_vec};

@@ -449,11 +449,15 @@ impl<F: Float> Tape<F> {
                 for s in 0..count {
                     for (o, row) in wide.chunks_exact(ld).enumerate() {
                         let row = &row[s * hw..(s + 1) * hw];
-                        let start = out.len();
-                        out.extend_from_slice(row);
-                        if let Some(b) = bias {
-                            out[start..].iter_mut().for_each(|v| *v += b[o]);
-                        }
+                        let bo = bias.map_or(F::zero(), |b| b[o]);
+                        let len = out.len();
+                        let spare = &mut out.spare_capacity_mut()[..hw];
+                        spare.iter_mut().zip(row).for_each(|(d, &v)| {
+                            d.write(if bias.is_some() { v + bo } else { v });
+                        });
+                        // SAFETY: the `hw` elements past the length were written just above
+                        // (the capacity holds the whole output).
+                        unsafe { out.set_len(len + hw) };
                     }
                 }
             }

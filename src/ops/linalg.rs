@@ -1,10 +1,11 @@
 //! Matrix multiplication, 2-D and batched.
 
 use super::from_vec;
+use super::small_matmul::{batched_matmul, Operand};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis, Ix2, Ix3};
+use ndarray::{ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix2, Ix3};
 use std::any::TypeId;
 
 /// Products up to this many multiply-adds skip the blocked kernels, whose set-up costs
@@ -126,6 +127,10 @@ fn dot<F: Float>(x: &[F], y: &[F]) -> F {
     s
 }
 
+/// Products with at most this many multiply-adds per batch element run on
+/// [`batched_matmul`], one call for the whole batch; larger ones on the blocked kernels.
+const BATCHED_SMALL: usize = 64 * 64 * 64;
+
 /// `c = op(a) op(b) + beta·c` into a row-major output, `op` transposing where the flag is
 /// set (the views may be strided or transposed; no copy is made).
 ///
@@ -236,6 +241,37 @@ impl<F: Float> Tape<F> {
             if ta { "ᵀ" } else { "" },
             if tb { "ᵀ" } else { "" }
         );
+        let batch = if sa.len() == 3 { sa[0] } else { 1 };
+        if m * n * k <= BATCHED_SMALL {
+            let operand = |v: &ArrayD<F>, t: bool| {
+                let s = v.shape();
+                let r = s.len();
+                let (rows, cols) = (s[r - 2], s[r - 1]);
+                let op = Operand {
+                    ptr: v.as_ptr(),
+                    sb: (rows * cols) as isize,
+                    s0: cols as isize,
+                    s1: 1,
+                };
+                if t {
+                    op.transposed()
+                } else {
+                    op
+                }
+            };
+            let (oa, ob) = (operand(x, ta), operand(y, tb));
+            let mut out = vec![F::zero(); batch * m * n];
+            // SAFETY: the operands describe the row-major values `x` and `y` (shapes
+            // checked above), which `out`, a new vector, does not overlap.
+            unsafe { batched_matmul(batch, (m, n, k), oa, ob, &mut out) };
+            let shape: &[usize] = if sa.len() == 2 {
+                &[m, n]
+            } else {
+                &[batch, m, n]
+            };
+            let value = from_vec(shape, out);
+            return self.push(value, Op::MatMul { a, b, ta, tb }, &[a, b]);
+        }
         let value = if sa.len() == 2 {
             let mut out = from_vec(&[m, n], vec![F::zero(); m * n]);
             let mut c = out.view_mut().into_dimensionality::<Ix2>().expect("2-D");

@@ -260,10 +260,21 @@ impl<F: Float> Tape<F> {
                 }
             };
             let (oa, ob) = (operand(x, ta), operand(y, tb));
-            let mut out = vec![F::zero(); batch * m * n];
+            let len = batch * m * n;
+            let mut out = Vec::with_capacity(len);
             // SAFETY: the operands describe the row-major values `x` and `y` (shapes
-            // checked above), which `out`, a new vector, does not overlap.
-            unsafe { batched_matmul(batch, (m, n, k), oa, ob, &mut out) };
+            // checked above), which `out`, a new vector, does not overlap; the kernel
+            // writes all `len` elements, so they are initialised when the length is set.
+            unsafe {
+                batched_matmul(
+                    batch,
+                    (m, n, k),
+                    oa,
+                    ob,
+                    &mut out.spare_capacity_mut()[..len],
+                );
+                out.set_len(len);
+            }
             let shape: &[usize] = if sa.len() == 2 {
                 &[m, n]
             } else {

@@ -10,16 +10,25 @@
 
 use crate::Float;
 use std::any::TypeId;
+use std::mem::MaybeUninit;
 
 /// One operand of a batched product after transposition: element `(b, i, p)` lies at
 /// `ptr + b·sb + i·s0 + p·s1` (element strides).
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub(crate) struct Operand<F> {
     pub ptr: *const F,
     pub sb: isize,
     pub s0: isize,
     pub s1: isize,
 }
+
+impl<F> Clone for Operand<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F> Copy for Operand<F> {}
 
 impl<F> Operand<F> {
     /// The operand with its last two axes swapped.
@@ -77,7 +86,7 @@ impl<F> Plan<F> {
 }
 
 /// `out[b] = a[b] · b[b]` for `batch` products `[m, k] · [k, n]`, `out` row-major
-/// `[batch, m, n]`; every element of `out` is written.
+/// `[batch, m, n]`; every element of `out` is written (it may start uninitialised).
 ///
 /// # Safety
 /// `a` and `b` must describe `batch` readable `[m, k]` and `[k, n]` operands (every
@@ -87,7 +96,7 @@ pub(crate) unsafe fn batched_matmul<F: Float>(
     (m, n, k): (usize, usize, usize),
     a: Operand<F>,
     b: Operand<F>,
-    out: &mut [F],
+    out: &mut [MaybeUninit<F>],
 ) {
     assert_eq!(
         out.len(),
@@ -98,7 +107,9 @@ pub(crate) unsafe fn batched_matmul<F: Float>(
         return;
     }
     if k == 0 {
-        out.fill(F::zero());
+        out.iter_mut().for_each(|v| {
+            v.write(F::zero());
+        });
         return;
     }
     let is = |t: TypeId| TypeId::of::<F>() == t;
@@ -110,7 +121,7 @@ pub(crate) unsafe fn batched_matmul<F: Float>(
             && std::arch::is_x86_feature_detected!("fma");
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
-        let o = out.as_mut_ptr();
+        let o = out.as_mut_ptr().cast::<F>();
         // SAFETY: `F` is the type each branch casts to (its `TypeId` was compared), the
         // CPU has the instruction set each kernel is compiled for (detected just above),
         // and the plan describes the caller's operands and `out`'s `batch·m·n` elements.
@@ -142,11 +153,18 @@ fn plan<F>(
     b: Operand<F>,
     lanes: usize,
 ) -> Plan<F> {
-    let cost = |rows: usize, cols: usize, pack: bool| {
-        k * rows * cols.div_ceil(lanes) + if pack { k * cols } else { 0 }
+    // Copying a `b` whose columns are contiguous runs on block transposes, a quarter of
+    // the cost of copying element by element.
+    let pack_cost = |op: &Operand<F>, cols: usize| match (op.s1, op.s0) {
+        (1, _) => 0,
+        (_, 1) => k * cols / 4,
+        _ => k * cols,
+    };
+    let cost = |rows: usize, cols: usize, b: &Operand<F>| {
+        k * rows * cols.div_ceil(lanes) + pack_cost(b, cols)
     };
     let (pack, tpack) = (b.s1 != 1, a.s0 != 1);
-    if cost(n, m, tpack) < cost(m, n, pack) {
+    if cost(n, m, &a.transposed()) < cost(m, n, &b) {
         Plan {
             batch,
             m: n,
@@ -187,7 +205,7 @@ fn row_tiles(m: usize) -> impl Iterator<Item = (usize, usize)> {
 ///
 /// # Safety
 /// As [`batched_matmul`], for the plan's operands.
-unsafe fn portable<F: Float>(p: Plan<F>, out: &mut [F]) {
+unsafe fn portable<F: Float>(p: Plan<F>, out: &mut [MaybeUninit<F>]) {
     let mn = p.m * p.n;
     for bi in 0..p.batch {
         let ab = p.a.ptr.wrapping_offset(bi as isize * p.a.sb);
@@ -206,7 +224,7 @@ unsafe fn portable<F: Float>(p: Plan<F>, out: &mut [F]) {
                     };
                     acc = x.mul_add(y, acc);
                 }
-                out[bi * mn + i * p.cs0 + j * p.cs1] = acc;
+                out[bi * mn + i * p.cs0 + j * p.cs1].write(acc);
             }
         }
     }
@@ -217,12 +235,17 @@ macro_rules! simd_kernels {
     (
         $name:ident, $feature:literal, $t:ty, $v:ty, lanes: $lanes:literal, max_vecs: $max_vecs:literal,
         zero: $zero:ident, splat: $splat:ident, fma: $fma:ident, store: $store:ident,
-        load: |$lp:ident| $load:expr, load_masked: |$mp:ident, $mn:ident| $load_masked:expr,
-        store_masked: |$sp:ident, $sn:ident, $sx:ident| $store_masked:expr $(,)?
+        transpose: $transpose:path, tblock: $tblock:literal,
+        load: |$lp:ident| $load:expr,
+        mask: $mask:ty = |$kn:ident| $make_mask:expr,
+        load_masked: |$mp:ident, $mm:ident| $load_masked:expr,
+        store_masked: |$sp:ident, $sm:ident, $sx:ident| $store_masked:expr $(,)?
     ) => {
         #[cfg(target_arch = "x86_64")]
         mod $name {
             use super::{row_tiles, Plan};
+            #[allow(unused_imports)]
+            use super::{transpose4x4_f64, transpose8x8_f32};
             #[allow(unused_imports)]
             use std::arch::x86_64::*;
 
@@ -236,23 +259,30 @@ macro_rules! simd_kernels {
                 unsafe { $load }
             }
 
-            /// The first `$mn` (< `LANES`) elements from `$mp`, zeros after them; only
-            /// those elements are read.
+            /// The mask of the first `$kn` (1..=`LANES`) lanes.
             #[inline]
             #[target_feature(enable = $feature)]
-            unsafe fn load_masked($mp: *const $t, $mn: usize) -> $v {
-                // SAFETY: the caller passes `$mn` readable elements; the masked lanes are
-                // not accessed.
+            fn make_mask($kn: usize) -> $mask {
+                $make_mask
+            }
+
+            /// The lanes of `$mp` that mask `$mm` selects, zeros elsewhere; only those
+            /// elements are read.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn load_masked($mp: *const $t, $mm: $mask) -> $v {
+                // SAFETY: the caller passes readable elements where the mask is set; the
+                // other lanes are not accessed.
                 unsafe { $load_masked }
             }
 
-            /// Writes the first `$sn` (< `LANES`) elements of `$sx` to `$sp`; only those
+            /// Writes the lanes of `$sx` that mask `$sm` selects to `$sp`; only those
             /// elements are accessed.
             #[inline]
             #[target_feature(enable = $feature)]
-            unsafe fn store_masked($sp: *mut $t, $sn: usize, $sx: $v) {
-                // SAFETY: the caller passes `$sn` writable elements; the masked lanes are
-                // not accessed.
+            unsafe fn store_masked($sp: *mut $t, $sm: $mask, $sx: $v) {
+                // SAFETY: the caller passes writable elements where the mask is set; the
+                // other lanes are not accessed.
                 unsafe { $store_masked }
             }
 
@@ -279,29 +309,29 @@ macro_rules! simd_kernels {
                 (i0, j0, cs0, cs1): (usize, usize, usize, usize),
             ) {
                 let tail = cols - (V - 1) * LANES;
+                let mask = make_mask(tail);
                 let mut acc = [[$zero(); V]; R];
-                let (mut ap, mut bp) = (a, b);
+                let rows: [*const $t; R] =
+                    std::array::from_fn(|r| a.wrapping_offset(r as isize * s0));
+                let (mut qa, mut bp) = (0isize, b);
                 for _ in 0..k {
-                    let mut bv = [$zero(); V];
-                    for (v, x) in bv.iter_mut().enumerate() {
-                        // SAFETY: columns j0 + v·LANES.. of row q, `tail` in the last
-                        // vector (the caller's contract).
-                        *x = unsafe {
-                            if v + 1 < V || tail == LANES {
-                                load(bp.add(v * LANES))
-                            } else {
-                                load_masked(bp.add(v * LANES), tail)
-                            }
-                        };
-                    }
-                    for (r, accr) in acc.iter_mut().enumerate() {
+                    // SAFETY: columns j0.. of row q, `tail` of them in the last vector
+                    // (the caller's contract).
+                    let bv: [$v; V] = std::array::from_fn(|v| unsafe {
+                        if v + 1 < V {
+                            load(bp.add(v * LANES))
+                        } else {
+                            load_masked(bp.add(v * LANES), mask)
+                        }
+                    });
+                    for (accr, row) in acc.iter_mut().zip(&rows) {
                         // SAFETY: row i0 + r < m, column q < k of `a`.
-                        let x = $splat(unsafe { *ap.offset(r as isize * s0) });
+                        let x = $splat(unsafe { *row.offset(qa) });
                         for (c, &y) in accr.iter_mut().zip(&bv) {
                             *c = $fma(x, y, *c);
                         }
                     }
-                    ap = ap.wrapping_offset(s1);
+                    qa += s1;
                     bp = bp.wrapping_offset(bs0);
                 }
                 for (r, accr) in acc.iter().enumerate() {
@@ -312,10 +342,10 @@ macro_rules! simd_kernels {
                         if cs1 == 1 {
                             for (v, &x) in accr.iter().enumerate() {
                                 let o = out.add(row + v * LANES);
-                                if v + 1 < V || tail == LANES {
+                                if v + 1 < V {
                                     $store(o, x);
                                 } else {
-                                    store_masked(o, tail, x);
+                                    store_masked(o, mask, x);
                                 }
                             }
                         } else {
@@ -327,6 +357,53 @@ macro_rules! simd_kernels {
                                 *out.add(row + c * cs1) = x;
                             }
                         }
+                    }
+                }
+            }
+
+            /// Copies `b` (`[k, n]`, element `(q, j)` at `b + q·s0 + j·s1`) into `dst`
+            /// row-major. Where its columns are contiguous (`s0 == 1`), blocks of
+            /// `TBLOCK × TBLOCK` go through an in-register transpose.
+            ///
+            /// # Safety
+            /// Every element of `b` is readable and `dst` holds `k·n` writable elements.
+            #[target_feature(enable = $feature)]
+            unsafe fn pack(b: *const $t, s0: isize, s1: isize, k: usize, n: usize, dst: *mut $t) {
+                const TBLOCK: usize = $tblock;
+                let (mut jb, mut qb) = (0, 0);
+                if s0 == 1 {
+                    (jb, qb) = (n - n % TBLOCK, k - k % TBLOCK);
+                    for j in (0..jb).step_by(TBLOCK) {
+                        for q in (0..qb).step_by(TBLOCK) {
+                            // SAFETY: columns j..j + TBLOCK ≤ n and rows q..q + TBLOCK ≤ k
+                            // of `b`, and the same block of `dst`.
+                            unsafe {
+                                $transpose(
+                                    b.offset(j as isize * s1 + q as isize),
+                                    s1,
+                                    dst.add(q * n + j),
+                                    n,
+                                )
+                            };
+                        }
+                    }
+                }
+                // What the blocks left: the last rows of the blocked columns, then the
+                // columns after them (all of `b` without blocks).
+                for q in qb..k {
+                    for j in 0..jb {
+                        // SAFETY: element (q, j) of `b` and of `dst`.
+                        unsafe {
+                            *dst.add(q * n + j) = *b.offset(q as isize * s0 + j as isize * s1)
+                        };
+                    }
+                }
+                for j in jb..n {
+                    for q in 0..k {
+                        // SAFETY: element (q, j) of `b` and of `dst`.
+                        unsafe {
+                            *dst.add(q * n + j) = *b.offset(q as isize * s0 + j as isize * s1)
+                        };
                     }
                 }
             }
@@ -349,13 +426,9 @@ macro_rules! simd_kernels {
                     let mut bb = p.b.ptr.wrapping_offset(bi as isize * p.b.sb);
                     let mut bs0 = p.b.s0;
                     if p.pack {
-                        for j in 0..n {
-                            let col = bb.wrapping_offset(j as isize * p.b.s1);
-                            for q in 0..k {
-                                // SAFETY: element (q, j) of this batch's `b`.
-                                packed[q * n + j] = unsafe { *col.offset(q as isize * p.b.s0) };
-                            }
-                        }
+                        // SAFETY: `b` is this batch element's `[k, n]` operand and `packed`
+                        // holds `k·n` elements.
+                        unsafe { pack(bb, p.b.s0, p.b.s1, k, n, packed.as_mut_ptr()) };
                         bb = packed.as_ptr();
                         bs0 = n as isize;
                     }
@@ -420,47 +493,118 @@ macro_rules! dispatch {
     };
 }
 
+/// Transposes an 8 × 8 block: row `r` of `src` (8 elements at `src + r·stride`) becomes
+/// column `r` of `dst` (rows `dst + c·dst_stride`).
+///
+/// # Safety
+/// The CPU supports AVX; the 64 source and destination elements are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8x8_f32(src: *const f32, stride: isize, dst: *mut f32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract: rows r < 8 of 8 elements.
+    let r: [__m256; 8] =
+        std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.offset(i as isize * stride)) });
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let out = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (c, &v) in out.iter().enumerate() {
+        // SAFETY: the caller's contract: rows c < 8 of 8 elements.
+        unsafe { _mm256_storeu_ps(dst.add(c * dst_stride), v) };
+    }
+}
+
+/// Transposes a 4 × 4 block, as [`transpose8x8_f32`].
+///
+/// # Safety
+/// The CPU supports AVX; the 16 source and destination elements are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose4x4_f64(src: *const f64, stride: isize, dst: *mut f64, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract: rows r < 4 of 4 elements.
+    let r: [__m256d; 4] =
+        std::array::from_fn(|i| unsafe { _mm256_loadu_pd(src.offset(i as isize * stride)) });
+    let t0 = _mm256_unpacklo_pd(r[0], r[1]);
+    let t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    let t2 = _mm256_unpacklo_pd(r[2], r[3]);
+    let t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    let out = [
+        _mm256_permute2f128_pd::<0x20>(t0, t2),
+        _mm256_permute2f128_pd::<0x20>(t1, t3),
+        _mm256_permute2f128_pd::<0x31>(t0, t2),
+        _mm256_permute2f128_pd::<0x31>(t1, t3),
+    ];
+    for (c, &v) in out.iter().enumerate() {
+        // SAFETY: the caller's contract: rows c < 4 of 4 elements.
+        unsafe { _mm256_storeu_pd(dst.add(c * dst_stride), v) };
+    }
+}
+
 simd_kernels!(
     avx512_f32, "avx512f,avx2,fma", f32, __m512, lanes: 16, max_vecs: 4,
     zero: _mm512_setzero_ps, splat: _mm512_set1_ps, fma: _mm512_fmadd_ps, store: _mm512_storeu_ps,
+    transpose: transpose8x8_f32, tblock: 8,
     load: |p| _mm512_loadu_ps(p),
-    load_masked: |p, n| _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p),
-    store_masked: |p, n, x| _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, x),
+    mask: u16 = |n| ((1u32 << n) - 1) as u16,
+    load_masked: |p, m| _mm512_maskz_loadu_ps(m, p),
+    store_masked: |p, m, x| _mm512_mask_storeu_ps(p, m, x),
 );
 simd_kernels!(
     avx512_f64, "avx512f,avx2,fma", f64, __m512d, lanes: 8, max_vecs: 4,
     zero: _mm512_setzero_pd, splat: _mm512_set1_pd, fma: _mm512_fmadd_pd, store: _mm512_storeu_pd,
+    transpose: transpose4x4_f64, tblock: 4,
     load: |p| _mm512_loadu_pd(p),
-    load_masked: |p, n| _mm512_maskz_loadu_pd(((1u32 << n) - 1) as u8, p),
-    store_masked: |p, n, x| _mm512_mask_storeu_pd(p, ((1u32 << n) - 1) as u8, x),
+    mask: u8 = |n| ((1u32 << n) - 1) as u8,
+    load_masked: |p, m| _mm512_maskz_loadu_pd(m, p),
+    store_masked: |p, m, x| _mm512_mask_storeu_pd(p, m, x),
 );
 simd_kernels!(
     avx2_f32, "avx2,fma", f32, __m256, lanes: 8, max_vecs: 2,
     zero: _mm256_setzero_ps, splat: _mm256_set1_ps, fma: _mm256_fmadd_ps, store: _mm256_storeu_ps,
+    transpose: transpose8x8_f32, tblock: 8,
     load: |p| _mm256_loadu_ps(p),
-    load_masked: |p, n| _mm256_maskload_ps(
-        p,
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+    mask: __m256i = |n| _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
     ),
-    store_masked: |p, n, x| _mm256_maskstore_ps(
-        p,
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-        x,
-    ),
+    load_masked: |p, m| _mm256_maskload_ps(p, m),
+    store_masked: |p, m, x| _mm256_maskstore_ps(p, m, x),
 );
 simd_kernels!(
     avx2_f64, "avx2,fma", f64, __m256d, lanes: 4, max_vecs: 2,
     zero: _mm256_setzero_pd, splat: _mm256_set1_pd, fma: _mm256_fmadd_pd, store: _mm256_storeu_pd,
+    transpose: transpose4x4_f64, tblock: 4,
     load: |p| _mm256_loadu_pd(p),
-    load_masked: |p, n| _mm256_maskload_pd(
-        p,
-        _mm256_cmpgt_epi64(_mm256_set1_epi64x(n as i64), _mm256_setr_epi64x(0, 1, 2, 3)),
+    mask: __m256i = |n| _mm256_cmpgt_epi64(
+        _mm256_set1_epi64x(n as i64),
+        _mm256_setr_epi64x(0, 1, 2, 3),
     ),
-    store_masked: |p, n, x| _mm256_maskstore_pd(
-        p,
-        _mm256_cmpgt_epi64(_mm256_set1_epi64x(n as i64), _mm256_setr_epi64x(0, 1, 2, 3)),
-        x,
-    ),
+    load_masked: |p, m| _mm256_maskload_pd(p, m),
+    store_masked: |p, m, x| _mm256_maskstore_pd(p, m, x),
 );
 
 #[cfg(test)]
@@ -544,7 +688,7 @@ mod tests {
                             }
                         }
                         // SAFETY: the operands are `a` and `b` as laid out above.
-                        unsafe { batched_matmul(batch, (m, n, k), oa, ob, &mut got) };
+                        unsafe { batched_matmul(batch, (m, n, k), oa, ob, uninit(&mut got)) };
                         let ok = want.iter().zip(&got).all(|(&x, &y)| same(x, y));
                         assert!(
                             ok,
@@ -560,7 +704,7 @@ mod tests {
                         let p = plan(batch, (m, n, k), oa, ob, lanes);
                         let mut other = vec![F::zero(); batch * m * n];
                         // SAFETY: the plan describes `a` and `b`.
-                        unsafe { portable(p, &mut other) };
+                        unsafe { portable(p, uninit(&mut other)) };
                         assert!(want.iter().zip(&other).all(|(&x, &y)| same(x, y)));
                         #[cfg(target_arch = "x86_64")]
                         if std::arch::is_x86_feature_detected!("avx2")
@@ -583,6 +727,12 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn uninit<F>(v: &mut [F]) -> &mut [MaybeUninit<F>] {
+        // SAFETY: `MaybeUninit<F>` has `F`'s layout, and only initialised values are
+        // written through the result.
+        unsafe { &mut *(v as *mut [F] as *mut [MaybeUninit<F>]) }
     }
 
     fn out_is_empty(batch: usize, m: usize, n: usize) -> bool {

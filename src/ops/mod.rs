@@ -22,6 +22,7 @@ pub mod loss;
 pub mod norm;
 pub mod reduce;
 pub mod shape;
+mod simd;
 mod small_matmul;
 
 use crate::Float;

@@ -34,6 +34,15 @@ pub(crate) fn flat<F>(a: &ArrayD<F>) -> &[F] {
         .expect("metagrad: tape values are stored in row-major layout")
 }
 
+/// `acc += x` elementwise (one length), vectorised.
+pub(crate) fn add_assign<F: Float>(acc: &mut [F], x: &[F]) {
+    assert_eq!(acc.len(), x.len(), "metagrad::add_assign: lengths differ");
+    simd::dispatch(
+        #[inline(always)]
+        || acc.iter_mut().zip(x).for_each(|(a, &v)| *a += v),
+    )
+}
+
 /// An array of the given shape from a row-major vector.
 #[track_caller]
 pub(crate) fn from_vec<F: Float>(shape: &[usize], v: Vec<F>) -> ArrayD<F> {

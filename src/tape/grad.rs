@@ -226,7 +226,7 @@ impl<F: Float> Tape<F> {
 
     /// Replaces a scratch node's value with an empty array.
     fn free(&mut self, v: Var) {
-        self.nodes[v.0].value = ArrayD::zeros(ndarray::IxDyn(&[0]));
+        self.nodes[v.0].value = self.empty.clone();
     }
 
     fn zeros_like(&mut self, v: Var) -> Var {

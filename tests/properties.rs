@@ -1445,8 +1445,9 @@ fn run_matmul<F: Float>(a: &ArrayD<F>, b: &ArrayD<F>, ta: bool, tb: bool) -> R {
 
 /// `[(B,) rows, cols]` operands of a product with inner size `k`, transposed or not.
 fn matmul_case(vals: fn() -> BoxedStrategy<V>) -> BoxedStrategy<(Tens, Tens, bool, bool)> {
-    // Small products run a plain loop, larger ones (over 2048 multiply-adds) the blocked
-    // kernels: both are drawn.
+    // Products up to 64³ multiply-adds run the batched small-product kernel: tiny shapes
+    // and shapes past its 8×8 transposed blocks and masked vector tails are both drawn
+    // (the blocked kernels for larger products are checked in `ops::linalg`'s tests).
     let dims = prop_oneof![
         3 => (0usize..=5, 0usize..=5, 0usize..=5),
         1 => (12usize..=20, 12usize..=20, 12usize..=20),

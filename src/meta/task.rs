@@ -2,7 +2,7 @@
 
 use crate::data::{cast, Episode, EpisodeBatch, SinusoidBatch};
 use crate::{Error, Float, Result, Tape, Var};
-use ndarray::{ArrayD, Axis};
+use ndarray::{ArrayD, Axis, IxDyn};
 
 /// Task targets: class indices or class-probability rows (softmax cross-entropy), or
 /// values (mean-squared error).
@@ -250,6 +250,23 @@ impl<F: Float> Task<F> {
     /// If a task is not a regression task or the shapes differ.
     pub fn stack(tasks: &[Task<F>]) -> Task<F> {
         let stack = |get: &dyn Fn(&Task<F>) -> &ArrayD<F>| -> ArrayD<F> {
+            let first = tasks.first().map(|t| get(t).shape());
+            if let Some(shape) = first.filter(|s| tasks.iter().all(|t| get(t).shape() == *s)) {
+                // The common case, one shape: the elements one task after another.
+                let mut values = Vec::with_capacity(tasks.len() * get(&tasks[0]).len());
+                for t in tasks {
+                    let a = get(t);
+                    match a.as_slice() {
+                        Some(s) => values.extend_from_slice(s),
+                        None => values.extend(a.iter().copied()),
+                    }
+                }
+                let mut stacked = Vec::with_capacity(shape.len() + 1);
+                stacked.push(tasks.len());
+                stacked.extend_from_slice(shape);
+                return ArrayD::from_shape_vec(IxDyn(&stacked), values)
+                    .expect("tasks of one shape");
+            }
             let views: Vec<_> = tasks.iter().map(|t| get(t).view()).collect();
             ndarray::stack(Axis(0), &views).expect("tasks of one shape")
         };

@@ -2,6 +2,7 @@
 //! at most a few merged dimensions with a contiguous (or constant) innermost loop,
 //! instead of a generic n-dimensional iterator.
 
+use super::simd::{push_map, push_zip};
 use crate::Float;
 
 /// Element strides of an input of shape `shape` viewed at the output shape `out`
@@ -44,6 +45,41 @@ fn merged<const K: usize>(out: &[usize], strides: [&[usize]; K]) -> Vec<(usize, 
     dims
 }
 
+/// Calls `inner(offsets)` for each index of the outer dimensions (all but the last) in
+/// row-major order, with each operand's element offset at that index.
+#[inline(always)]
+fn for_outer<const K: usize>(dims: &[(usize, [usize; K])], mut inner: impl FnMut([usize; K])) {
+    let outer = &dims[..dims.len() - 1];
+    let count: usize = outer.iter().map(|d| d.0).product();
+    let mut idx = [0usize; 16];
+    let mut idx_vec;
+    let idx: &mut [usize] = if outer.len() <= idx.len() {
+        &mut idx[..outer.len()]
+    } else {
+        idx_vec = vec![0; outer.len()];
+        &mut idx_vec
+    };
+    let mut off = [0usize; K];
+    for _ in 0..count {
+        inner(off);
+        // Odometer step: the last outer dimension fastest.
+        for d in (0..outer.len()).rev() {
+            let (len, st) = outer[d];
+            idx[d] += 1;
+            if idx[d] < len {
+                for k in 0..K {
+                    off[k] += st[k];
+                }
+                break;
+            }
+            idx[d] = 0;
+            for k in 0..K {
+                off[k] -= st[k] * (len - 1);
+            }
+        }
+    }
+}
+
 /// `f(a, b)` elementwise with numpy broadcasting to `out_shape`, row-major.
 pub(crate) fn binary<F: Float>(
     a: &[F],
@@ -58,44 +94,31 @@ pub(crate) fn binary<F: Float>(
         expanded_strides(sb, out_shape),
     );
     let dims = merged(out_shape, [&ea, &eb]);
-    let mut out = Vec::with_capacity(out_shape.iter().product());
-    binary_rec(a, b, &dims, 0, 0, &mut out, &f);
-    out
-}
-
-fn binary_rec<F: Float>(
-    a: &[F],
-    b: &[F],
-    dims: &[(usize, [usize; 2])],
-    oa: usize,
-    ob: usize,
-    out: &mut Vec<F>,
-    f: &impl Fn(F, F) -> F,
-) {
-    let (n, [sa, sb]) = dims[0];
-    if dims.len() == 1 {
-        match (sa, sb) {
-            (1, 1) => out.extend(
-                a[oa..oa + n]
-                    .iter()
-                    .zip(&b[ob..ob + n])
-                    .map(|(&x, &y)| f(x, y)),
-            ),
-            (1, 0) => {
-                let y = b[ob];
-                out.extend(a[oa..oa + n].iter().map(|&x| f(x, y)));
-            }
-            (0, 1) => {
-                let x = a[oa];
-                out.extend(b[ob..ob + n].iter().map(|&y| f(x, y)));
-            }
-            _ => out.extend((0..n).map(|i| f(a[oa + i * sa], b[ob + i * sb]))),
-        }
-        return;
-    }
-    for i in 0..n {
-        binary_rec(a, b, &dims[1..], oa + i * sa, ob + i * sb, out, f);
-    }
+    let total = out_shape.iter().product();
+    super::simd::dispatch(
+        #[inline(always)]
+        || {
+            let mut out = Vec::with_capacity(total);
+            let (n, [sa, sb]) = dims[dims.len() - 1];
+            for_outer(
+                &dims,
+                #[inline(always)]
+                |[oa, ob]| match (sa, sb) {
+                    (1, 1) => push_zip(&mut out, &a[oa..oa + n], &b[ob..ob + n], &f),
+                    (1, 0) => {
+                        let y = b[ob];
+                        push_map(&mut out, &a[oa..oa + n], |x| f(x, y));
+                    }
+                    (0, 1) => {
+                        let x = a[oa];
+                        push_map(&mut out, &b[ob..ob + n], |y| f(x, y));
+                    }
+                    _ => out.extend((0..n).map(|i| f(a[oa + i * sa], b[ob + i * sb]))),
+                },
+            );
+            out
+        },
+    )
 }
 
 /// `a` broadcast to `out_shape`, row-major.
@@ -103,27 +126,18 @@ pub(crate) fn broadcast<F: Float>(a: &[F], sa: &[usize], out_shape: &[usize]) ->
     let ea = expanded_strides(sa, out_shape);
     let dims = merged(out_shape, [&ea]);
     let mut out = Vec::with_capacity(out_shape.iter().product());
-    broadcast_rec(a, &dims, 0, &mut out);
+    let (n, [s]) = dims[dims.len() - 1];
+    for_outer(&dims, |[oa]| match s {
+        1 => out.extend_from_slice(&a[oa..oa + n]),
+        0 => out.extend(std::iter::repeat_n(a[oa], n)),
+        _ => out.extend((0..n).map(|i| a[oa + i * s])),
+    });
     out
-}
-
-fn broadcast_rec<F: Float>(a: &[F], dims: &[(usize, [usize; 1])], oa: usize, out: &mut Vec<F>) {
-    let (n, [sa]) = dims[0];
-    if dims.len() == 1 {
-        match sa {
-            1 => out.extend_from_slice(&a[oa..oa + n]),
-            0 => out.extend(std::iter::repeat_n(a[oa], n)),
-            _ => out.extend((0..n).map(|i| a[oa + i * sa])),
-        }
-        return;
-    }
-    for i in 0..n {
-        broadcast_rec(a, &dims[1..], oa + i * sa, out);
-    }
 }
 
 /// The sum of a slice with eight running partial sums, so the loop vectorises (a plain
 /// left-to-right float sum cannot be reordered by the compiler).
+#[inline(always)]
 pub(crate) fn sum_slice<F: Float>(x: &[F]) -> F {
     let mut acc = [F::zero(); 8];
     let chunks = x.chunks_exact(8);
@@ -147,26 +161,25 @@ pub(crate) fn sum_to<F: Float>(x: &[F], sx: &[usize], target: &[usize]) -> Vec<F
     let eo = expanded_strides(target, sx);
     let dims = merged(sx, [&contiguous, &eo]);
     let mut out = vec![F::zero(); target.iter().product()];
-    sum_rec(x, &dims, 0, 0, &mut out);
+    let (n, [sx, so]) = dims[dims.len() - 1];
+    super::simd::dispatch(
+        #[inline(always)]
+        || {
+            for_outer(
+                &dims,
+                #[inline(always)]
+                |[ox, oo]| match (sx, so) {
+                    (1, 0) => out[oo] += sum_slice(&x[ox..ox + n]),
+                    (1, 1) => out[oo..oo + n]
+                        .iter_mut()
+                        .zip(&x[ox..ox + n])
+                        .for_each(|(o, &v)| *o += v),
+                    _ => (0..n).for_each(|i| out[oo + i * so] += x[ox + i * sx]),
+                },
+            )
+        },
+    );
     out
-}
-
-fn sum_rec<F: Float>(x: &[F], dims: &[(usize, [usize; 2])], ox: usize, oo: usize, out: &mut [F]) {
-    let (n, [sx, so]) = dims[0];
-    if dims.len() == 1 {
-        match (sx, so) {
-            (1, 0) => out[oo] += sum_slice(&x[ox..ox + n]),
-            (1, 1) => out[oo..oo + n]
-                .iter_mut()
-                .zip(&x[ox..ox + n])
-                .for_each(|(o, &v)| *o += v),
-            _ => (0..n).for_each(|i| out[oo + i * so] += x[ox + i * sx]),
-        }
-        return;
-    }
-    for i in 0..n {
-        sum_rec(x, &dims[1..], ox + i * sx, oo + i * so, out);
-    }
 }
 
 #[cfg(test)]

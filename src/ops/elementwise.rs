@@ -36,12 +36,7 @@ impl<F: Float> Tape<F> {
     fn binary(&mut self, name: &str, a: Var, b: Var, f: impl Fn(F, F) -> F, op: Op) -> Var {
         let (x, y) = (self.value(a), self.value(b));
         let value = if x.shape() == y.shape() {
-            let v = flat(x)
-                .iter()
-                .zip(flat(y))
-                .map(|(&p, &q)| f(p, q))
-                .collect();
-            from_vec(x.shape(), v)
+            from_vec(x.shape(), super::simd::zip_map(flat(x), flat(y), f))
         } else {
             let shape = broadcast_shapes(x.shape(), y.shape()).unwrap_or_else(|| {
                 panic!(
@@ -58,7 +53,7 @@ impl<F: Float> Tape<F> {
 
     fn unary(&mut self, a: Var, f: impl Fn(F) -> F, op: Op) -> Var {
         let x = self.value(a);
-        let value = from_vec(x.shape(), flat(x).iter().map(|&p| f(p)).collect());
+        let value = from_vec(x.shape(), super::simd::map(flat(x), f));
         self.push(value, op, &[a])
     }
 
@@ -164,11 +159,7 @@ impl<F: Float> Tape<F> {
             mask.len(),
             x.shape()
         );
-        let v = flat(x)
-            .iter()
-            .zip(mask.iter())
-            .map(|(&p, &m)| if m { p } else { F::zero() })
-            .collect();
+        let v = super::simd::zip_map(flat(x), &mask[..], |p, m| if m { p } else { F::zero() });
         let value = from_vec(x.shape(), v);
         self.push(value, Op::Mask(a, mask), &[a])
     }
@@ -178,10 +169,7 @@ impl<F: Float> Tape<F> {
     /// (taken as 0 at 0) and its second derivative is zero wherever it exists: a ReLU
     /// network's Hessian comes only from the other ops (losses, products).
     pub fn relu(&mut self, a: Var) -> Var {
-        let m: Vec<bool> = flat(self.value(a))
-            .iter()
-            .map(|&p| p > F::zero() || p.is_nan())
-            .collect();
+        let m = super::simd::map(flat(self.value(a)), |p| p > F::zero() || p.is_nan());
         self.mask(a, m)
     }
 

@@ -22,6 +22,8 @@ pub mod loss;
 pub mod norm;
 pub mod reduce;
 pub mod shape;
+mod simd;
+mod small_matmul;
 
 use crate::Float;
 use ndarray::{ArrayD, IxDyn};
@@ -30,6 +32,15 @@ use ndarray::{ArrayD, IxDyn};
 pub(crate) fn flat<F>(a: &ArrayD<F>) -> &[F] {
     a.as_slice()
         .expect("metagrad: tape values are stored in row-major layout")
+}
+
+/// `acc += x` elementwise (one length), vectorised.
+pub(crate) fn add_assign<F: Float>(acc: &mut [F], x: &[F]) {
+    assert_eq!(acc.len(), x.len(), "metagrad::add_assign: lengths differ");
+    simd::dispatch(
+        #[inline(always)]
+        || acc.iter_mut().zip(x).for_each(|(a, &v)| *a += v),
+    )
 }
 
 /// An array of the given shape from a row-major vector.

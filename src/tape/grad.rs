@@ -130,6 +130,18 @@ impl<F: Float> Tape<F> {
             for &(input, gi) in contribs.iter() {
                 let new = match grads[input.0] {
                     None => gi,
+                    // A scratch sum that nothing else holds is added to in place.
+                    Some(prev)
+                        if scratch
+                            && prev != gi
+                            && prev.0 >= start
+                            && held(&holds, start, prev) == 1
+                            && self.shape(prev) == self.shape(gi) =>
+                    {
+                        self.add_assign(prev, gi);
+                        holds[prev.0 - start] -= 1; // held again just below
+                        prev
+                    }
                     Some(prev) => {
                         let sum = self.add(prev, gi);
                         if scratch {
@@ -198,9 +210,23 @@ impl<F: Float> Tape<F> {
         }
     }
 
+    /// `value(acc) += value(g)` in place (distinct nodes of one shape).
+    fn add_assign(&mut self, acc: Var, g: Var) {
+        let (lo, hi) = self.nodes.split_at_mut(acc.0.max(g.0));
+        let (acc, g) = if acc.0 < g.0 {
+            (&mut lo[acc.0].value, &hi[0].value)
+        } else {
+            (&mut hi[0].value, &lo[g.0].value)
+        };
+        let acc = acc
+            .as_slice_mut()
+            .expect("metagrad: tape values are stored in row-major layout");
+        crate::ops::add_assign(acc, crate::ops::flat(g));
+    }
+
     /// Replaces a scratch node's value with an empty array.
     fn free(&mut self, v: Var) {
-        self.nodes[v.0].value = ArrayD::zeros(ndarray::IxDyn(&[0]));
+        self.nodes[v.0].value = self.empty.clone();
     }
 
     fn zeros_like(&mut self, v: Var) -> Var {

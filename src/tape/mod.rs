@@ -55,6 +55,8 @@ struct Node<F> {
 pub struct Tape<F: Float> {
     nodes: Vec<Node<F>>,
     recording: bool,
+    /// An empty array, cloned (without allocating) into nodes whose values are freed.
+    empty: ArrayD<F>,
 }
 
 impl<F: Float> Default for Tape<F> {
@@ -69,6 +71,7 @@ impl<F: Float> Tape<F> {
         Tape {
             nodes: Vec::with_capacity(256),
             recording: true,
+            empty: ArrayD::zeros(IxDyn(&[0])),
         }
     }
 
@@ -201,7 +204,7 @@ impl<F: Float> Tape<F> {
     /// Removes the value of `v` from the tape and returns it (the node keeps an empty
     /// array). For taking results out of a tape that is about to be dropped.
     pub fn take(&mut self, v: Var) -> ArrayD<F> {
-        std::mem::replace(&mut self.nodes[v.0].value, ArrayD::zeros(IxDyn(&[0])))
+        std::mem::replace(&mut self.nodes[v.0].value, self.empty.clone())
     }
 
     /// Drops every node after the first `len` (values computed since a checkpoint of

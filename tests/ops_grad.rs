@@ -893,3 +893,58 @@ fn grouped_samples_match_the_direct_formula_and_the_adjoint_identity() {
         assert!((lhs - via_w).abs() < tol, "N {n}: {lhs} vs {via_w}");
     }
 }
+
+/// A convolution with nothing to sum (zero input channels, or a zero-width kernel) is its
+/// bias alone, and the bias gradient is the upstream gradient summed over N, H, W, with
+/// and without a graph.
+#[test]
+fn conv_bias_over_an_empty_sum_is_the_bias() {
+    for (xs, ws) in [([2, 0, 4, 4], [3, 0, 3, 3]), ([2, 1, 4, 4], [3, 1, 0, 3])] {
+        for create_graph in [false, true] {
+            let mut t = Tape::<f64>::new();
+            let x = t.param(ArrayD::zeros(IxDyn(&xs)));
+            let w = t.param(ArrayD::zeros(IxDyn(&ws)));
+            let b = t.param(ArrayD::from_shape_vec(IxDyn(&[3]), vec![1.0, 2.0, 3.0]).unwrap());
+            let pad = if ws[2] == 0 { 0 } else { 1 };
+            let y = t.conv2d_bias(x, w, b, 1, pad);
+            let ys = t.shape(y).to_vec();
+            assert_eq!(ys[..2], [2, 3], "{xs:?} {ws:?}");
+            for (o, plane) in t.value(y).axis_iter(ndarray::Axis(1)).enumerate() {
+                assert!(
+                    plane.iter().all(|&v| v == (o + 1) as f64),
+                    "{xs:?} {ws:?}: {plane}"
+                );
+            }
+            let s = t.sum(y);
+            let g = t.grad(s, &[w, b], create_graph);
+            let per_channel = (ys[0] * ys[2] * ys[3]) as f64;
+            assert_eq!(t.value(g[1]).as_slice().unwrap(), &[per_channel; 3]);
+            assert_eq!(t.shape(g[0]), ws);
+        }
+    }
+}
+
+/// A sample's convolution does not depend on the batch it comes in: the same bits for
+/// sample 20 alone, in a batch of 21 (a partial last group) and in a batch of 40, for a
+/// small convolution (whose products could take either kernel) and a larger one.
+#[test]
+fn a_samples_convolution_is_the_same_bits_in_any_batch() {
+    for (c, o, h) in [(1, 2, 5), (4, 8, 9)] {
+        let x40 = rnd(&[40, c, h, h], 300);
+        let w = rnd(&[o, c, 3, 3], 301);
+        let run = |n: usize, first: usize| {
+            let mut t = Tape::<f64>::new();
+            let x = x40
+                .slice(ndarray::s![first..first + n, .., .., ..])
+                .to_owned();
+            let (xv, wv) = (t.constant(x.into_dyn()), t.constant(w.clone()));
+            let y = t.conv2d(xv, wv, 1, 1);
+            t.value(y)
+                .index_axis(ndarray::Axis(0), 20 - first)
+                .to_owned()
+        };
+        let alone = run(1, 20);
+        assert_eq!(run(21, 0), alone, "C {c}: batch of 21");
+        assert_eq!(run(40, 0), alone, "C {c}: batch of 40");
+    }
+}

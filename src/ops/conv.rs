@@ -10,7 +10,7 @@
 
 use super::broadcast::sum_slice;
 use super::{flat, from_vec};
-use crate::ops::linalg::gemm;
+use crate::ops::linalg::{gemm, SMALL};
 use crate::tape::op::{ConvGeom, Gather, NONE};
 use crate::tape::{Op, Tape, Var};
 use crate::Float;
@@ -39,8 +39,17 @@ fn valid_cols(wo: usize, w: usize, stride: usize, pad: usize, j: usize) -> (usiz
 /// the product is wide (about [`PRODUCT_COLUMNS`] columns) instead of one narrow product
 /// per sample, whose last, partial block of columns runs a slow remainder kernel. Depends
 /// on the shapes only, so results do not depend on the number of threads.
+///
+/// A sample whose own product is small enough for [`gemm`]'s plain loops
+/// ([`SMALL`] multiply-adds) gets a product of its own: otherwise the last, partial group
+/// could take the plain loops while the others take the blocked kernels (which fuse the
+/// multiply-add), and a sample's bits would depend on the batch size.
 fn samples_per_product(g: &ConvGeom) -> usize {
-    (PRODUCT_COLUMNS / (g.ho() * g.wo()).max(1)).clamp(1, g.n.max(1))
+    let hw = (g.ho() * g.wo()).max(1);
+    if g.o * g.c * g.kh * g.kw * hw <= SMALL {
+        return 1;
+    }
+    (PRODUCT_COLUMNS / hw).clamp(1, g.n.max(1))
 }
 
 /// The target width of a convolution's matrix product, in output positions. Measured on
@@ -418,12 +427,22 @@ impl<F: Float> Tape<F> {
 
     /// The value of `conv(x, w)`, plus `b` per output channel if given.
     fn conv_forward(&self, x: Var, w: Var, b: Option<Var>, g: ConvGeom) -> ArrayD<F> {
+        let bias = b.map(|b| flat(self.value(b)));
         if g.is_empty() {
-            return ArrayD::zeros(IxDyn(&[g.n, g.o, g.ho(), g.wo()]));
+            // Nothing to sum (a zero channel or kernel dimension, or no samples): the
+            // output is the bias alone.
+            let mut out = ArrayD::zeros(IxDyn(&[g.n, g.o, g.ho(), g.wo()]));
+            if let Some(b) = bias {
+                for mut sample in out.outer_iter_mut() {
+                    for (mut plane, &bo) in sample.outer_iter_mut().zip(b) {
+                        plane.fill(bo);
+                    }
+                }
+            }
+            return out;
         }
         let (hw, ckk) = (g.ho() * g.wo(), g.c * g.kh * g.kw);
         let (xs, ws) = (flat(self.value(x)), flat(self.value(w)));
-        let bias = b.map(|b| flat(self.value(b)));
         let per = samples_per_product(&g);
         let (cl, wl) = (ckk * col_stride(per * hw), g.o * col_stride(per * hw));
         // `cl` is a multiple of 16, so `wide` starts on a 64-byte line too.
@@ -519,7 +538,9 @@ impl<F: Float> Tape<F> {
 
     /// The backward rule of [`Tape::conv2d_bias`] in its weight and bias, fused (no graph
     /// is recorded): the weight adjoint, and the bias gradient `Σ gy` over N, H, W summed
-    /// from each block of `gy` while the adjoint has it in cache. Returns constants.
+    /// from each block of `gy` while the adjoint has it in cache (in f64 per block, so its
+    /// last bits may differ from the recorded form's `sum_axes`). Returns constants.
+    /// Not for an empty geometry (the caller takes the recorded form's ops there).
     pub(crate) fn conv2d_weight_bias_grad_fused(
         &mut self,
         x: Var,

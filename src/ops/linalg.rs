@@ -10,7 +10,7 @@ use std::any::TypeId;
 
 /// Products up to this many multiply-adds skip the blocked kernels, whose set-up costs
 /// more than the arithmetic at the sizes of sinusoid MLPs.
-const SMALL: usize = 2048;
+pub(crate) const SMALL: usize = 2048;
 
 /// `c = a b + beta·c` for small products, without the blocked kernels' set-up: an axpy
 /// loop when rows of `b` are contiguous, dot products when rows of `a` and columns of `b`

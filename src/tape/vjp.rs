@@ -178,7 +178,7 @@ pub(super) fn vjp<F: Float>(
         // while the weight adjoint has each block of `g` in cache.
         Op::Conv2dBias(x, w, b, geom) => {
             put!(*x, &mut |t| t.conv2d_input_grad(g, *w, *geom));
-            if form == Form::Fused && need(*w) && need(*b) {
+            if form == Form::Fused && need(*w) && need(*b) && !geom.is_empty() {
                 let [dw, db] = t.conv2d_weight_bias_grad_fused(*x, g, *geom);
                 out.extend([(*w, dw), (*b, db)]);
             } else {

@@ -66,6 +66,41 @@ fn col_stride(cols: usize) -> usize {
     cols.div_ceil(16) * 16
 }
 
+/// Runs `f(first, count, ld, cols, wide)` for each group of samples that shares one
+/// matrix product, in order: samples `first..first + count`, `ld` columns per row
+/// (`count·Ho·Wo`, rounded up to 16 with `padded`), and the scratch `cols`
+/// (`[C·kh·kw, ld]`) and `wide` (`[O, ld]`), both starting on 64-byte lines.
+fn for_each_group<F: Float>(
+    g: &ConvGeom,
+    padded: bool,
+    mut f: impl FnMut(usize, usize, usize, &mut [F], &mut [F]),
+) {
+    let (hw, ckk) = (g.ho() * g.wo(), g.c * g.kh * g.kw);
+    let width = |count: usize| {
+        if padded {
+            col_stride(count * hw)
+        } else {
+            count * hw
+        }
+    };
+    let per = samples_per_product(g);
+    let cl = col_stride(ckk * width(per));
+    with_scratch(cl + g.o * width(per), |buf: &mut [F]| {
+        let (cols, wide) = buf.split_at_mut(cl);
+        for first in (0..g.n).step_by(per) {
+            let count = per.min(g.n - first);
+            let ld = width(count);
+            f(
+                first,
+                count,
+                ld,
+                &mut cols[..ckk * ld],
+                &mut wide[..g.o * ld],
+            );
+        }
+    });
+}
+
 /// Scratch buffers up to this many elements are kept per thread between calls; larger
 /// ones are allocated for the call.
 const SCRATCH_KEPT: usize = 1 << 22;
@@ -443,41 +478,32 @@ impl<F: Float> Tape<F> {
         }
         let (hw, ckk) = (g.ho() * g.wo(), g.c * g.kh * g.kw);
         let (xs, ws) = (flat(self.value(x)), flat(self.value(w)));
-        let per = samples_per_product(&g);
-        let (cl, wl) = (ckk * col_stride(per * hw), g.o * col_stride(per * hw));
-        // `cl` is a multiple of 16, so `wide` starts on a 64-byte line too.
         let mut out = Vec::with_capacity(g.n * g.o * hw);
-        with_scratch(cl + wl, |buf: &mut [F]| {
-            let (cols, wide) = buf.split_at_mut(cl);
-            for first in (0..g.n).step_by(per) {
-                let count = per.min(g.n - first);
-                let ld = col_stride(count * hw);
-                let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
-                for s in 0..count {
-                    im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
-                }
-                gemm(
-                    mat(ws, g.o, ckk),
-                    mat(cols, ckk, ld),
-                    false,
-                    false,
-                    &mut mat_mut(wide, g.o, ld),
-                    F::zero(),
-                );
-                // `wide` is `[O, count·Ho·Wo]`; the output is `[count, O, Ho·Wo]`.
-                for s in 0..count {
-                    for (o, row) in wide.chunks_exact(ld).enumerate() {
-                        let row = &row[s * hw..(s + 1) * hw];
-                        let bo = bias.map_or(F::zero(), |b| b[o]);
-                        let len = out.len();
-                        let spare = &mut out.spare_capacity_mut()[..hw];
-                        spare.iter_mut().zip(row).for_each(|(d, &v)| {
-                            d.write(if bias.is_some() { v + bo } else { v });
-                        });
-                        // SAFETY: the `hw` elements past the length were written just above
-                        // (the capacity holds the whole output).
-                        unsafe { out.set_len(len + hw) };
-                    }
+        for_each_group(&g, true, |first, count, ld, cols, wide| {
+            for s in 0..count {
+                im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
+            }
+            gemm(
+                mat(ws, g.o, ckk),
+                mat(cols, ckk, ld),
+                false,
+                false,
+                &mut mat_mut(wide, g.o, ld),
+                F::zero(),
+            );
+            // `wide` is `[O, count·Ho·Wo]`; the output is `[count, O, Ho·Wo]`.
+            for s in 0..count {
+                for (o, row) in wide.chunks_exact(ld).enumerate() {
+                    let row = &row[s * hw..(s + 1) * hw];
+                    let bo = bias.map_or(F::zero(), |b| b[o]);
+                    let len = out.len();
+                    let spare = &mut out.spare_capacity_mut()[..hw];
+                    spare.iter_mut().zip(row).for_each(|(d, &v)| {
+                        d.write(if bias.is_some() { v + bo } else { v });
+                    });
+                    // SAFETY: the `hw` elements past the length were written just above
+                    // (the capacity holds the whole output).
+                    unsafe { out.set_len(len + hw) };
                 }
             }
         });
@@ -500,28 +526,20 @@ impl<F: Float> Tape<F> {
             return self.push(value, Op::Conv2dInputGrad(gy, w, g), &[gy, w]);
         }
         let (gs, ws) = (flat(self.value(gy)), flat(self.value(w)));
-        let per = samples_per_product(&g);
         let mut out = vec![F::zero(); g.n * g.c * g.h * g.w];
-        let cl = col_stride(ckk * per * hw); // so that `wide` starts on a 64-byte line
-        with_scratch(cl + g.o * per * hw, |buf: &mut [F]| {
-            let (cols, wide) = buf.split_at_mut(cl);
-            for first in (0..g.n).step_by(per) {
-                let count = per.min(g.n - first);
-                let ld = count * hw;
-                let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
-                side_by_side(gs, &g, first, count, wide);
-                gemm(
-                    mat(ws, g.o, ckk),
-                    mat(wide, g.o, ld),
-                    true,
-                    false,
-                    &mut mat_mut(cols, ckk, ld),
-                    F::zero(),
-                );
-                let xo = &mut out[first * g.c * g.h * g.w..];
-                for (s, xo) in xo.chunks_exact_mut(g.c * g.h * g.w).take(count).enumerate() {
-                    col2im(&mut cols[s * hw..], &g, xo, ld);
-                }
+        for_each_group(&g, false, |first, count, ld, cols, wide| {
+            side_by_side(gs, &g, first, count, wide);
+            gemm(
+                mat(ws, g.o, ckk),
+                mat(wide, g.o, ld),
+                true,
+                false,
+                &mut mat_mut(cols, ckk, ld),
+                F::zero(),
+            );
+            let xo = &mut out[first * g.c * g.h * g.w..];
+            for (s, xo) in xo.chunks_exact_mut(g.c * g.h * g.w).take(count).enumerate() {
+                col2im(&mut cols[s * hw..], &g, xo, ld);
             }
         });
         let value = from_vec(&[g.n, g.c, g.h, g.w], out);
@@ -568,35 +586,27 @@ impl<F: Float> Tape<F> {
             return ArrayD::zeros(IxDyn(&[g.o, g.c, g.kh, g.kw]));
         }
         let (xs, gs) = (flat(self.value(x)), flat(self.value(gy)));
-        let per = samples_per_product(&g);
         // The transpose `[C·kh·kw, O]` is accumulated: the matrix kernels then pack the
         // narrow `gy` operand instead of the columns (measured faster).
         let mut outt = vec![F::zero(); ckk * g.o];
-        let cl = col_stride(ckk * per * hw); // so that `wide` starts on a 64-byte line
-        with_scratch(cl + g.o * per * hw, |buf: &mut [F]| {
-            let (cols, wide) = buf.split_at_mut(cl);
-            for first in (0..g.n).step_by(per) {
-                let count = per.min(g.n - first);
-                let ld = count * hw;
-                let (cols, wide) = (&mut cols[..ckk * ld], &mut wide[..g.o * ld]);
-                side_by_side(gs, &g, first, count, wide);
-                if let Some(sums) = sums.as_deref_mut() {
-                    for (sum, row) in sums.iter_mut().zip(wide.chunks_exact(ld)) {
-                        *sum += sum_slice(row).f64();
-                    }
+        for_each_group(&g, false, |first, count, ld, cols, wide| {
+            side_by_side(gs, &g, first, count, wide);
+            if let Some(sums) = sums.as_deref_mut() {
+                for (sum, row) in sums.iter_mut().zip(wide.chunks_exact(ld)) {
+                    *sum += sum_slice(row).f64();
                 }
-                for s in 0..count {
-                    im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
-                }
-                gemm(
-                    mat(cols, ckk, ld),
-                    mat(wide, g.o, ld),
-                    false,
-                    true,
-                    &mut mat_mut(&mut outt, ckk, g.o),
-                    F::one(),
-                );
             }
+            for s in 0..count {
+                im2col(sample(xs, &g, first + s), &g, &mut cols[s * hw..], ld);
+            }
+            gemm(
+                mat(cols, ckk, ld),
+                mat(wide, g.o, ld),
+                false,
+                true,
+                &mut mat_mut(&mut outt, ckk, g.o),
+                F::one(),
+            );
         });
         let out: Vec<F> = (0..g.o * ckk)
             .map(|i| outt[(i % ckk) * g.o + i / ckk])

@@ -13,6 +13,9 @@ use rand_chacha::ChaCha8Rng;
 use std::fmt::Debug;
 use std::sync::{Arc, Barrier, Mutex};
 
+mod common;
+use common::state;
+
 /// `size` ranks as threads: an all-gather is "write my slot, wait, read all, wait".
 struct Threads {
     rank: usize,
@@ -84,20 +87,6 @@ fn image_batches(batches: usize, tasks: usize) -> Vec<Vec<Task<f32>>> {
                 .collect()
         })
         .collect()
-}
-
-/// Everything a run could differ in.
-fn state<M: Model<f32> + Clone>(
-    l: &MetaLearner<f32, M>,
-    opt: &Optimizer<f32>,
-) -> impl PartialEq + Debug {
-    (
-        l.params.clone(),
-        l.norm.clone(),
-        l.step,
-        l.skipped_steps,
-        opt.clone(),
-    )
 }
 
 fn train<M: Model<f32> + Clone + Debug>(

@@ -11,7 +11,9 @@ use metagrad::{Error, Float};
 use ndarray::{Array3, ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::fmt::Debug;
+
+mod common;
+use common::state;
 
 fn small_conv() -> Conv4 {
     Conv4 {
@@ -39,20 +41,6 @@ fn sine_tasks(n: usize, seed: u64) -> Vec<Task<f32>> {
         .sample_batch(n)
         .unwrap();
     Task::from_sinusoid(&batch)
-}
-
-/// Everything a step could change, for bitwise comparison.
-fn state<F: Float, M: Model<F> + Clone>(
-    l: &MetaLearner<F, M>,
-    opt: &Optimizer<F>,
-) -> impl PartialEq + Debug {
-    (
-        l.params.clone(),
-        l.norm.clone(),
-        l.step,
-        l.skipped_steps,
-        opt.clone(),
-    )
 }
 
 /// Trains two clean steps (so Adam has momentum that a bad step could apply), then

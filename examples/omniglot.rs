@@ -487,7 +487,8 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     }
     println!(
         "  (mean query accuracy over {} test tasks of {} queries each, ± 1.96 x sample std / \
-         sqrt(tasks); evaluated in {eval_s:.1}s)",
+         sqrt(tasks); a task whose adaptation diverged counts as all misses; evaluated in \
+         {eval_s:.1}s)",
         report.tasks,
         args.setup.ways * args.setup.queries
     );
@@ -531,6 +532,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             "accuracy": report.mean_accuracy,
             "ci95": report.ci95,
             "loss": report.mean_loss,
+            "diverged": report.diverged,
             "seed": TEST_SEED,
         },
         "tests": reports.iter().map(|r| json!({
@@ -538,6 +540,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             "accuracy": r.mean_accuracy,
             "ci95": r.ci95,
             "loss": r.mean_loss,
+            "diverged": r.diverged,
         })).collect::<Vec<_>>(),
         "train_final_loss": mean(|p| p.loss),
         "train_final_accuracy": mean(|p| p.accuracy),

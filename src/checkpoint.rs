@@ -120,6 +120,11 @@ pub struct Checkpoint<F: Float> {
     /// The state of the task sampler's random number generator, so that resuming draws
     /// the same tasks an uninterrupted run would.
     pub rng: SamplerRng,
+    /// The user's own state, saved and restored with the rest: any serde value (a
+    /// validation history, a best score, a schedule's position), `null` when unused.
+    /// Build it with [`serde_json::to_value`] and read it back with
+    /// [`serde_json::from_value`] (both re-exported as [`crate::serde_json`]).
+    pub extras: serde_json::Value,
     /// Where this checkpoint was loaded from (not stored in the file); named in
     /// [`restore`](Self::restore)'s errors.
     origin: Option<PathBuf>,
@@ -158,9 +163,39 @@ impl<F: Float> Checkpoint<F> {
             skipped_steps: learner.skipped_steps,
             config: learner.config.clone(),
             rng: rng.clone(),
+            extras: serde_json::Value::Null,
             origin: None,
             file_version: None,
         }
+    }
+
+    /// The same checkpoint with `extras` as the user's own state (see
+    /// [`Checkpoint::extras`]).
+    pub fn with_extras(mut self, extras: serde_json::Value) -> Self {
+        self.extras = extras;
+        self
+    }
+
+    /// What [`restore`](Self::restore) would change in a learner whose configuration is
+    /// `current`: one line per field that differs, `"inner_lr: 0.4 -> 0.01"`, sorted
+    /// by field name (`parallel_iterations` is kept by `restore` and never listed). Empty when the configurations agree. Log it before restoring, so
+    /// that a resumed run says which flags of its command line the checkpoint overrides.
+    pub fn config_changes(&self, current: &MetaConfig) -> Vec<String> {
+        let as_map = |c: &MetaConfig| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let (old, new) = (as_map(current), as_map(&self.config));
+        new.iter()
+            .filter(|(k, _)| k.as_str() != "parallel_iterations")
+            .filter(|(k, v)| old.get(k.as_str()) != Some(v))
+            .map(|(k, v)| {
+                let was = old
+                    .get(k.as_str())
+                    .map_or("(unset)".into(), |o| o.to_string());
+                format!("{k}: {was} -> {v}")
+            })
+            .collect()
     }
 
     /// Where this checkpoint was loaded from, if it was.
@@ -236,7 +271,9 @@ impl<F: Float> Checkpoint<F> {
     /// Puts the checkpoint into `learner` — parameters, running statistics, step and
     /// skipped-step counts, and configuration (keeping the learner's `parallel_iterations`,
     /// which does not change results) — and returns the optimiser and the random number
-    /// generator to continue with.
+    /// generator to continue with. The checkpoint's configuration replaces the learner's:
+    /// [`config_changes`](Self::config_changes) lists what that changes, and the examples
+    /// print it when they resume. [`extras`](Self::extras) are the caller's to read.
     ///
     /// # Errors
     /// [`Error::Checkpoint`] when the checkpoint does not fit the learner (see
@@ -552,6 +589,9 @@ struct FileRepr {
     skipped_steps: Option<u64>,
     config: MetaConfig,
     rng: SamplerRng,
+    /// The user's state (absent when null, and in files written before it existed).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    extras: serde_json::Value,
     params: Vec<NamedTensorRepr>,
     norm: NormRepr,
     optimizer: OptimizerRepr,
@@ -584,6 +624,7 @@ impl FileRepr {
             skipped_steps: Some(c.skipped_steps),
             config: c.config.clone(),
             rng: c.rng.clone(),
+            extras: c.extras.clone(),
             params: c
                 .params
                 .iter()
@@ -699,6 +740,7 @@ impl FileRepr {
             skipped_steps,
             config: self.config,
             rng: self.rng,
+            extras: self.extras,
             origin: None,
             file_version: None,
         })

@@ -68,6 +68,11 @@ pub enum Error {
         /// The first parameter (or running statistic) whose update is not finite, when
         /// one is known.
         param: Option<String>,
+        /// When the data is the cause: the first failing task whose inputs or targets hold
+        /// a value that is not finite, the array and the position, e.g.
+        /// `"task 3: query_x[2, 0, 5, 7] = NaN"`. The data is scanned only after a step
+        /// failed.
+        data: Option<String>,
     },
     /// A task of the meta-batch mapper failed (panicked); `message` is its panic message.
     Task {
@@ -101,6 +106,7 @@ impl fmt::Display for Error {
                 step,
                 tasks,
                 param,
+                data,
             } => {
                 write!(
                     f,
@@ -108,6 +114,9 @@ impl fmt::Display for Error {
                 )?;
                 if !tasks.is_empty() {
                     write!(f, " in the loss or gradient of task(s) {tasks:?}")?;
+                }
+                if let Some(d) = data {
+                    write!(f, "; the data is not finite: {d}")?;
                 }
                 if let Some(p) = param {
                     write!(f, "; first parameter affected: {p}")?;

@@ -9,6 +9,18 @@
 //! its threads), and every result is gathered and summed in task order, so a report does
 //! not depend on the number of threads or ranks.
 //!
+//! **A diverged task is a result, not a fault.** When a task's adaptation produces a
+//! non-finite query loss (NaN or ±∞) — the model, in this mode, with this test-time rate,
+//! fails on that task — the protocol counts it and carries on:
+//! - its accuracy is **0**: all its queries count as misses, so leaving a task out can never
+//!   inflate the mean accuracy, and the confidence interval includes it;
+//! - the mean loss is taken over the finite tasks only, with the number of diverged tasks
+//!   beside it ([`EvalReport::diverged`], listed in [`EvalReport::diverged_tasks`]).
+//!
+//! A single task evaluated alone with [`MetaLearner::evaluate_task`] still returns
+//! [`Error::NonFinite`], and training keeps its all-or-nothing guard: only the protocol
+//! reports divergence as a result.
+//!
 //! The batch-norm mode is part of the result: transductive batch norm (query statistics)
 //! typically scores a few points higher than inductive (running statistics), so it is
 //! always stated — see [`NormMode`].
@@ -60,19 +72,28 @@ pub struct EvalReport {
     pub mode: NormMode,
     /// Whether the network has batch norm at all (if not, `mode` changes nothing).
     pub batch_norm: bool,
-    /// Mean query accuracy over tasks, in `[0, 1]`.
+    /// Mean query accuracy over tasks, in `[0, 1]`; a diverged task counts as 0 (all its
+    /// queries missed).
     pub mean_accuracy: f64,
     /// Half-width of the 95% confidence interval of `mean_accuracy`: `1.96 · s / √n`
     /// with `s` the sample standard deviation (NaN for fewer than two tasks).
     pub ci95: f64,
-    /// Mean query loss over tasks.
+    /// Mean query loss over the tasks whose loss is finite (NaN if every task diverged).
     pub mean_loss: f64,
-    /// The query accuracy of each task, in task order.
+    /// The query accuracy of each task, in task order (0 for a diverged task).
     pub accuracies: Vec<f64>,
+    /// Number of tasks whose adaptation diverged (non-finite query loss): counted as
+    /// misses in the accuracy, left out of `mean_loss`.
+    #[serde(default)]
+    pub diverged: usize,
+    /// The indices of the diverged tasks, in order (numbered as evaluated).
+    #[serde(default)]
+    pub diverged_tasks: Vec<usize>,
 }
 
 impl fmt::Display for EvalReport {
-    /// `98.7% ± 0.3% (600 tasks, 3 steps, batch norm: inductive)`.
+    /// `98.7% ± 0.3% (600 tasks, 3 steps, batch norm: inductive)`, with
+    /// `, 2 diverged, counted as misses` before the closing parenthesis when tasks diverged.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let plural = |n: usize| if n == 1 { "" } else { "s" };
         write!(
@@ -86,10 +107,14 @@ impl fmt::Display for EvalReport {
             plural(self.steps),
         )?;
         if self.batch_norm {
-            write!(f, "batch norm: {})", self.mode)
+            write!(f, "batch norm: {}", self.mode)?;
         } else {
-            write!(f, "no batch norm)")
+            write!(f, "no batch norm")?;
         }
+        if self.diverged > 0 {
+            write!(f, ", {} diverged, counted as misses", self.diverged)?;
+        }
+        write!(f, ")")
     }
 }
 
@@ -120,10 +145,13 @@ impl Wire for Outcome {
                 0u8.put(out);
                 r.put(out);
             }
-            Err(Error::NonFinite { step, param, .. }) => {
+            Err(Error::NonFinite {
+                step, param, data, ..
+            }) => {
                 1u8.put(out);
                 step.put(out);
                 param.put(out);
+                data.put(out);
             }
             Err(Error::Task { message, .. }) => {
                 2u8.put(out);
@@ -147,6 +175,7 @@ impl Wire for Outcome {
                 step: u64::get(input)?,
                 tasks: vec![0],
                 param: Option::get(input)?,
+                data: Option::get(input)?,
             }),
             2 => Err(Error::Task {
                 index: 0,
@@ -162,7 +191,12 @@ impl Wire for Outcome {
     }
 }
 
-/// Query loss and accuracy of each task after `steps` inner steps, in task order.
+/// One task's score under the protocol: its query loss and accuracy, or `None` if its
+/// adaptation diverged (non-finite query loss).
+type Score = Option<(f64, f64)>;
+
+/// The score of each task after `steps` inner steps, in task order. A diverged task is a
+/// score (`None`), not an error; other errors are numbered in the whole evaluation.
 fn per_task<F: Float, M: Model<F>>(
     learner: &MetaLearner<F, M>,
     tasks: &[Task<F>],
@@ -170,52 +204,43 @@ fn per_task<F: Float, M: Model<F>>(
     mode: NormMode,
     parallel_iterations: usize,
     first_index: usize,
-) -> Result<Vec<(f64, f64)>> {
+) -> Result<Vec<Score>> {
     check_running_stats(learner, mode)?;
     // Tasks split across the learner's ranks (one process: all of them here).
-    let results = learner
-        .comm()
-        .map(tasks.len(), parallel_iterations, |i| {
-            Outcome(learner.evaluate_task(&tasks[i], steps, mode))
-        })?
-        .into_iter()
-        .map(|o| o.0);
-    // The first failing task, numbered in the whole evaluation.
-    let results = results
-        .enumerate()
-        .map(|(i, r)| {
-            r.map_err(|e| match e {
-                Error::Task { message, .. } => Error::Task {
-                    index: i + first_index,
-                    message,
-                },
-                Error::NonFinite {
-                    during,
-                    step,
-                    param,
-                    ..
-                } => Error::NonFinite {
-                    during,
-                    step,
-                    tasks: vec![i + first_index],
-                    param,
-                },
-                Error::Config(m) => Error::Config(format!("task {}: {m}", i + first_index)),
-                e => e,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let results = learner.comm().map(tasks.len(), parallel_iterations, |i| {
+        Outcome(learner.evaluate_task(&tasks[i], steps, mode))
+    })?;
     results
         .into_iter()
         .enumerate()
-        .map(|(i, (loss, acc))| {
-            acc.map(|a| (loss, a)).ok_or_else(|| {
-                Error::Config(format!(
-                    "task {} has no accuracy (a regression task?); the evaluation protocol \
-                     is for classification — use MetaLearner::evaluate for losses",
-                    i + first_index
-                ))
-            })
+        .map(|(i, o)| {
+            let index = i + first_index;
+            match o.0 {
+                Ok((loss, Some(acc))) => Ok(Some((loss, acc))),
+                Ok((_, None)) => Err(Error::Config(format!(
+                    "task {index} has no accuracy (a regression task?); the evaluation \
+                     protocol is for classification — use MetaLearner::evaluate_task for losses"
+                ))),
+                // Data that is not finite is the caller's fault, not a result.
+                Err(Error::NonFinite {
+                    during,
+                    step,
+                    param,
+                    data: Some(d),
+                    ..
+                }) => Err(Error::NonFinite {
+                    during,
+                    step,
+                    tasks: vec![index],
+                    param,
+                    data: Some(d.replacen("task 0", &format!("task {index}"), 1)),
+                }),
+                // The adaptation diverged: a result of the protocol (see the module docs).
+                Err(Error::NonFinite { .. }) => Ok(None),
+                Err(Error::Task { message, .. }) => Err(Error::Task { index, message }),
+                Err(Error::Config(m)) => Err(Error::Config(format!("task {index}: {m}"))),
+                Err(e) => Err(e),
+            }
         })
         .collect()
 }
@@ -240,15 +265,18 @@ fn check_running_stats<F: Float, M: Model<F>>(
 
 fn report<F: Float, M: Model<F>>(
     learner: &MetaLearner<F, M>,
-    results: &[(f64, f64)],
+    scores: &[Score],
     steps: usize,
     mode: NormMode,
 ) -> EvalReport {
-    let accuracies: Vec<f64> = results.iter().map(|r| r.1).collect();
+    // A diverged task missed every query.
+    let accuracies: Vec<f64> = scores.iter().map(|s| s.map_or(0.0, |s| s.1)).collect();
     let (mean_accuracy, ci95) = confidence_interval(&accuracies);
-    let mean_loss = results.iter().map(|r| r.0).sum::<f64>() / results.len().max(1) as f64;
+    let losses: Vec<f64> = scores.iter().flatten().map(|s| s.0).collect();
+    let mean_loss = losses.iter().sum::<f64>() / losses.len() as f64;
+    let diverged_tasks: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].is_none()).collect();
     EvalReport {
-        tasks: results.len(),
+        tasks: scores.len(),
         steps,
         mode,
         batch_norm: !learner.model.batch_norm_channels().is_empty(),
@@ -256,6 +284,8 @@ fn report<F: Float, M: Model<F>>(
         ci95,
         mean_loss,
         accuracies,
+        diverged: diverged_tasks.len(),
+        diverged_tasks,
     }
 }
 
@@ -263,10 +293,14 @@ fn report<F: Float, M: Model<F>>(
 /// (batch norms in `mode`) and measures the query set, running at most
 /// `parallel_iterations` tasks at once. Nothing in the learner changes.
 ///
+/// A task whose adaptation diverges is counted in the report, never an error: see the
+/// [module docs](self) for how it enters the accuracy and the loss.
+///
 /// # Errors
 /// [`Error::Config`] for no tasks, a task without accuracy (regression), or inductive
-/// batch norm without running statistics (an untrained learner); [`Error::Task`] if a
-/// task panics (e.g. inputs of the wrong shape).
+/// batch norm without running statistics (an untrained learner); [`Error::Task`] for a
+/// label out of range or if a task panics (e.g. inputs of the wrong shape);
+/// [`Error::NonFinite`] for a task whose data is not finite.
 pub fn evaluate<F: Float, M: Model<F>>(
     learner: &MetaLearner<F, M>,
     tasks: &[Task<F>],

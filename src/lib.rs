@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod alloc;
+mod array;
 pub mod check;
 pub mod checkpoint;
 pub mod data;
@@ -18,6 +19,16 @@ pub mod tape;
 /// The `ndarray` crate (version 0.16) that every tensor in metagrad's API is made of:
 /// build inputs and read results with it, so that your arrays are metagrad's arrays.
 pub use ndarray;
+
+/// The `rand` crate (0.8) behind every seeded generator in metagrad's API.
+pub use rand;
+
+/// The `rand_chacha` crate (0.3) of [`data::SamplerRng`], the samplers' generator (with
+/// its `serde1` feature, so that a generator can be saved in a checkpoint).
+pub use rand_chacha;
+
+/// The `serde_json` crate (1.x) of [`checkpoint::Checkpoint::extras`].
+pub use serde_json;
 
 pub use alloc::tune_allocator;
 pub use error::{Error, Result};

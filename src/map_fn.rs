@@ -28,21 +28,27 @@
 use crate::{Error, Float, Result, Tape, Var};
 use ndarray::{ArrayD, Axis, IxDyn};
 use std::any::Any;
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, Once};
 
 /// Runs `f(0), …, f(n − 1)` on the current rayon pool with at most `parallel_iterations`
 /// running at once, and returns the results in index order. A panic inside a task becomes
-/// [`Error::Task`] with the lowest failing index. The building block of [`MapFn`] and the
-/// meta-learners.
+/// [`Error::Task`] with the lowest failing index, and its message is not printed (it is in
+/// the error; panics outside tasks still reach the panic hook installed before). The
+/// building block of [`MapFn`] and the meta-learners.
 pub fn map_tasks<T, Fun>(n: usize, parallel_iterations: usize, f: Fun) -> Result<Vec<T>>
 where
     T: Send,
     Fun: Fn(usize) -> T + Sync,
 {
+    quiet_task_panics();
     let run = |i: usize| {
-        catch_unwind(AssertUnwindSafe(|| f(i))).map_err(|e| Error::Task {
+        let outer = IN_TASK.with(|t| t.replace(true));
+        let r = catch_unwind(AssertUnwindSafe(|| f(i)));
+        IN_TASK.with(|t| t.set(outer));
+        r.map_err(|e| Error::Task {
             index: i,
             message: panic_message(e),
         })
@@ -95,6 +101,26 @@ where
             a.zip_mut_with(p, |a, &p| *a += scale * p);
         }
     }
+}
+
+thread_local! {
+    /// Whether this thread is running a task whose panic becomes an [`Error::Task`].
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays quiet for panics inside tasks: their message is
+/// returned as [`Error::Task`], so printing it as well would report one error twice. Every
+/// other panic goes to the hook that was installed before.
+fn quiet_task_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_TASK.with(Cell::get) {
+                previous(info)
+            }
+        }));
+    });
 }
 
 fn panic_message(e: Box<dyn Any + Send>) -> String {

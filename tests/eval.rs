@@ -1,4 +1,5 @@
-//! The evaluation protocol: the interval formula, thread independence, chance level.
+//! The evaluation protocol: the interval formula, thread independence, chance level, and
+//! diverged tasks counted as results.
 
 use metagrad::data::{EpisodeSampler, EpisodeSpec, ImageCollection};
 use metagrad::eval::{confidence_interval, evaluate, evaluate_episodes, EvalReport};
@@ -42,6 +43,8 @@ fn report_displays_accuracy_interval_and_mode() {
         ci95: 0.0031,
         mean_loss: 0.05,
         accuracies: Vec::new(),
+        diverged: 0,
+        diverged_tasks: Vec::new(),
     };
     assert_eq!(
         report.to_string(),
@@ -56,6 +59,15 @@ fn report_displays_accuracy_interval_and_mode() {
     assert_eq!(
         report.to_string(),
         "98.7% ± 0.3% (1 task, 1 step, no batch norm)"
+    );
+    let report = EvalReport {
+        diverged: 2,
+        diverged_tasks: vec![3, 9],
+        ..report
+    };
+    assert_eq!(
+        report.to_string(),
+        "98.7% ± 0.3% (1 task, 1 step, no batch norm, 2 diverged, counted as misses)"
     );
 }
 
@@ -171,4 +183,74 @@ fn regression_tasks_and_empty_sets_are_errors() {
     assert!(matches!(err, metagrad::Error::Config(_)), "{err}");
     let err = evaluate(&learner, &tasks[..0], 1, NormMode::Inductive, 2).unwrap_err();
     assert!(matches!(err, metagrad::Error::Config(_)), "{err}");
+}
+
+/// Eight tasks, one of which (task 5) is made to diverge: its support inputs are scaled by 1e8
+/// so that, without normalisation, the inner steps at a large rate blow up.
+#[test]
+fn a_diverged_task_is_counted_as_misses_and_left_out_of_the_loss() {
+    let collection = noise_collection(10, 4, 5);
+    let learner =
+        MetaLearner::<f32, _>::new(small_conv4(5, NormKind::None), MetaConfig::maml(1, 0.4), 2);
+    let mut sampler = EpisodeSampler::new(&collection, EpisodeSpec::new(5, 1, 3), 3).unwrap();
+    let mut tasks = Task::<f32>::from_episodes(&sampler.sample_batch(8).unwrap());
+    tasks[5].support_x.mapv_inplace(|v| v * 1e8);
+    let steps = 3;
+
+    // Alone, each task gives its own result; task 5 alone is an error.
+    let alone: Vec<_> = tasks
+        .iter()
+        .map(|t| learner.evaluate_task(t, steps, NormMode::Transductive))
+        .collect();
+    for (i, r) in alone.iter().enumerate() {
+        if i == 5 {
+            assert!(
+                matches!(r, Err(metagrad::Error::NonFinite { .. })),
+                "task 5 should diverge: {r:?}"
+            );
+        } else {
+            let (loss, acc) = r.as_ref().unwrap();
+            assert!(loss.is_finite() && acc.is_some(), "task {i}: {r:?}");
+        }
+    }
+
+    // The protocol reports it and carries on.
+    let report = evaluate(&learner, &tasks, steps, NormMode::Transductive, usize::MAX).unwrap();
+    assert_eq!(report.tasks, 8);
+    assert_eq!(report.diverged, 1);
+    assert_eq!(report.diverged_tasks, vec![5]);
+    // Accuracy rule: the diverged task's queries are all misses, and it stays in the mean.
+    let want_acc: Vec<f64> = alone
+        .iter()
+        .map(|r| r.as_ref().map_or(0.0, |(_, a)| a.unwrap()))
+        .collect();
+    assert_eq!(report.accuracies, want_acc);
+    assert_eq!(report.accuracies[5], 0.0);
+    let mean_acc = want_acc.iter().sum::<f64>() / 8.0;
+    assert!((report.mean_accuracy - mean_acc).abs() < 1e-15);
+    assert_eq!(
+        (report.mean_accuracy, report.ci95),
+        confidence_interval(&want_acc)
+    );
+    // Loss rule: the mean over the 7 finite tasks.
+    let finite: Vec<f64> = alone.iter().flatten().map(|(l, _)| *l).collect();
+    assert_eq!(finite.len(), 7);
+    let mean_loss = finite.iter().sum::<f64>() / 7.0;
+    assert!(report.mean_loss.is_finite());
+    assert!((report.mean_loss - mean_loss).abs() <= 1e-12 * mean_loss.abs());
+    assert!(report.to_string().contains("1 diverged"), "{report}");
+
+    // The same for any thread count and concurrency bound.
+    for threads in [1, 2] {
+        let again = with_threads(threads, || {
+            evaluate(&learner, &tasks, steps, NormMode::Transductive, 3).unwrap()
+        });
+        assert_eq!(again, report, "{threads} thread(s)");
+    }
+
+    // Every task diverged: accuracy 0, loss NaN (no finite task), nothing aborts.
+    let all_bad: Vec<_> = (0..3).map(|_| tasks[5].clone()).collect();
+    let report = evaluate(&learner, &all_bad, steps, NormMode::Transductive, 2).unwrap();
+    assert_eq!((report.diverged, report.mean_accuracy), (3, 0.0));
+    assert!(report.mean_loss.is_nan());
 }

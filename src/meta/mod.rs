@@ -297,6 +297,33 @@ fn first_non_finite_stats<F: Float>(norm: &NormState<F>) -> Option<String> {
     })
 }
 
+/// A non-finite step's error with the data named when the data is the cause: the first
+/// failing task whose inputs or targets are not finite (scanned only on this failure path).
+fn name_data_cause<F: Float>(e: Error, tasks: &[Task<F>]) -> Error {
+    match e {
+        Error::NonFinite {
+            during,
+            step,
+            tasks: bad,
+            param,
+            data: None,
+        } => {
+            let data = bad.iter().find_map(|&i| {
+                let d = tasks.get(i)?.first_non_finite()?;
+                Some(format!("task {i}: {d}"))
+            });
+            Error::NonFinite {
+                during,
+                step,
+                tasks: bad,
+                param,
+                data,
+            }
+        }
+        e => e,
+    }
+}
+
 /// An error of a task run alone, renumbered as task `index` of its batch.
 fn reindex(e: Error, index: usize) -> Error {
     match e {
@@ -421,13 +448,12 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         M: Debug,
     {
         let params = self.params.digest();
-        let norm = crate::nn::params::digest_floats(
-            self.norm
-                .stats
-                .iter()
-                .flatten()
-                .flat_map(|r| r.mean.iter().chain(&r.var).copied()),
-        );
+        let mut norm = crate::nn::params::Digest::new();
+        for r in self.norm.stats.iter().flatten() {
+            norm.u64(r.mean.len() as u64);
+            norm.floats(r.mean.iter().chain(&r.var).copied());
+        }
+        let norm = norm.finish();
         vec![
             ("the float type", std::any::type_name::<F>().to_string()),
             ("the model", format!("{:?}", self.model)),
@@ -501,16 +527,20 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     ///
     /// # Errors
     /// - [`Error::Config`] for an empty meta-batch, a task with an
-    ///   empty support or query set, tasks of different shapes, a learning rate that is
+    ///   empty support or query set, tasks with different kinds of targets, a learning rate that is
     ///   not finite (see [`Task::validate_batch`], [`MetaConfig::validate`],
     ///   [`Optimizer::validate`]);
     /// - [`Error::NonFinite`] naming the meta-step, the tasks
-    ///   and the first parameter affected (under [`NonFinite::Error`]);
-    /// - [`Error::Task`] if a task panics (e.g. a label out of range).
+    ///   and the first parameter affected (under [`NonFinite::Error`]), and, when a
+    ///   failing task's data holds a NaN or infinity, the first such value by task, array
+    ///   and position;
+    /// - [`Error::Task`] for a class label out of range of the model's
+    ///   [outputs](Model::outputs) (checked before anything runs), or if a task panics.
     pub fn meta_step(&mut self, tasks: &[Task<F>], opt: &mut Optimizer<F>) -> Result<StepStats> {
         self.check_request(tasks, opt)?;
         let batch = self.meta_batch(tasks)?;
         self.commit("meta_step", batch, opt)
+            .map_err(|e| name_data_cause(e, tasks))
     }
 
     /// The meta-gradient of the mean query loss over `tasks` (no update), with the step's
@@ -527,6 +557,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     ) -> Result<(Vec<ArrayD<F>>, StepStats, Vec<Observed<F>>)> {
         Task::validate_batch(tasks)?;
         self.config.validate()?;
+        self.check_outputs(tasks)?;
         let b = self.meta_batch(tasks)?;
         Ok((b.update, b.stats, b.observed))
     }
@@ -535,7 +566,23 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     fn check_request(&self, tasks: &[Task<F>], opt: &Optimizer<F>) -> Result<()> {
         Task::validate_batch(tasks)?;
         self.config.validate()?;
-        opt.validate()
+        opt.validate()?;
+        self.check_outputs(tasks)
+    }
+
+    /// Class labels against the network's output width, where the model states it
+    /// ([`Model::outputs`]): a label out of range is refused before anything runs.
+    fn check_outputs(&self, tasks: &[Task<F>]) -> Result<()> {
+        let Some(outputs) = self.model.outputs() else {
+            return Ok(());
+        };
+        for (index, task) in tasks.iter().enumerate() {
+            task.check_outputs(outputs).map_err(|e| match e {
+                Error::Config(message) => Error::Task { index, message },
+                e => e,
+            })?;
+        }
+        Ok(())
     }
 
     /// Runs one group of tasks on one tape (a single task, or a chunk of regression
@@ -699,6 +746,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 step: self.meta_batches(),
                 tasks: batch.bad_tasks,
                 param,
+                data: None,
             }),
             NonFinite::Skip => {
                 self.skipped_steps += 1;
@@ -766,6 +814,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 step: self.meta_batches(),
                 tasks: Vec::new(),
                 param,
+                data: None,
             })
     }
 
@@ -874,6 +923,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             bad_tasks: bad,
         };
         self.commit("reptile_step", batch, opt)
+            .map_err(|e| name_data_cause(e, tasks))
     }
 
     /// Adapts to one task's support set with `steps` inner steps (which may differ from
@@ -895,6 +945,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     ) -> Result<(f64, Option<f64>)> {
         task.validate()?;
         self.config.validate()?;
+        self.check_outputs(std::slice::from_ref(task))?;
         let (loss, acc) = map_tasks(1, 1, |_| self.evaluate_unchecked(task, steps, mode))?
             .pop()
             .expect("one task");
@@ -904,6 +955,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 step: self.meta_batches(),
                 tasks: vec![0],
                 param: None,
+                data: task.first_non_finite().map(|d| format!("task 0: {d}")),
             });
         }
         Ok((loss, acc))

@@ -2,7 +2,7 @@
 
 use crate::data::{cast, Episode, EpisodeBatch, SinusoidBatch};
 use crate::{Error, Float, Result, Tape, Var};
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, Axis, Dimension, IxDyn};
 
 /// Task targets: class indices or class-probability rows (softmax cross-entropy), or
 /// values (mean-squared error).
@@ -80,6 +80,14 @@ impl<F: Float> Targets<F> {
             | (Targets::Values(a), Targets::Values(b))
             | (Targets::StackedValues(a), Targets::StackedValues(b)) => a.shape() == b.shape(),
             _ => false,
+        }
+    }
+
+    /// The targets as an array, unless they are class indices.
+    pub fn values(&self) -> Option<&ArrayD<F>> {
+        match self {
+            Targets::Classes(_) => None,
+            Targets::Probabilities(v) | Targets::Values(v) | Targets::StackedValues(v) => Some(v),
         }
     }
 
@@ -171,16 +179,6 @@ impl<F: Float> Task<F> {
         Ok(())
     }
 
-    /// The shapes of the task's inputs and targets (for comparing tasks of a batch).
-    fn layout(&self) -> [Vec<usize>; 4] {
-        [
-            self.support_x.shape().to_vec(),
-            self.support_y.shape(),
-            self.query_x.shape().to_vec(),
-            self.query_y.shape(),
-        ]
-    }
-
     /// Whether `other` has this task's shapes (without allocating: it runs every step).
     fn same_layout(&self, other: &Task<F>) -> bool {
         self.support_x.shape() == other.support_x.shape()
@@ -190,8 +188,11 @@ impl<F: Float> Task<F> {
     }
 
     /// Checks a meta-batch before it changes anything: at least one task, every task
-    /// [valid](Task::validate), and all tasks of the first one's shapes and kind of
-    /// target.
+    /// [valid](Task::validate), and all tasks with the first one's kind of targets.
+    ///
+    /// Tasks of different shapes (1-shot and 5-shot episodes, say) may share a meta-batch:
+    /// each runs on its own tape, and the meta-gradient is reduced in task order as
+    /// always, so the result does not depend on the threads or ranks.
     ///
     /// # Errors
     /// [`Error::Config`] naming the first task that is wrong and how.
@@ -211,29 +212,70 @@ impl<F: Float> Task<F> {
             if kind(task) != k0 {
                 return Err(Error::Config(format!(
                     "task {i} of the meta-batch has another kind of targets than task 0 \
-                     ({:?} vs {:?})",
+                     ({:?} vs {:?}); classification and regression tasks cannot share a \
+                     meta-batch",
                     [&task.support_y, &task.query_y].map(kind_name),
                     [&first.support_y, &first.query_y].map(kind_name)
-                )));
-            }
-            if !task.same_layout(first) {
-                return Err(Error::Config(format!(
-                    "task {i} of the meta-batch has shapes {:?} (support inputs, support \
-                     targets, query inputs, query targets), but task 0 has {:?}",
-                    task.layout(),
-                    first.layout()
                 )));
             }
         }
         Ok(())
     }
 
+    /// Checks the targets against a network with `outputs` outputs: every class label
+    /// below `outputs`, and class-probability rows `outputs` wide.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the set, the position and the label.
+    pub fn check_outputs(&self, outputs: usize) -> Result<()> {
+        for (set, y) in [("support_y", &self.support_y), ("query_y", &self.query_y)] {
+            match y {
+                Targets::Classes(c) => {
+                    if let Some((i, &l)) = c.iter().enumerate().find(|(_, &l)| l >= outputs) {
+                        return Err(Error::Config(format!(
+                            "{set}[{i}] is label {l}, out of range for a network with \
+                             {outputs} outputs (labels 0..{outputs})"
+                        )));
+                    }
+                }
+                Targets::Probabilities(p) if p.shape().get(1) != Some(&outputs) => {
+                    return Err(Error::Config(format!(
+                        "{set} holds class-probability rows of shape {:?}, but the network \
+                         has {outputs} outputs",
+                        p.shape()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The first value of the task's data that is not finite (NaN or ±∞), named by array
+    /// and position: `"query_x[2, 0, 5, 7] = NaN"`. The meta-learners look for it only
+    /// after a step failed, so healthy steps pay nothing.
+    pub fn first_non_finite(&self) -> Option<String> {
+        let arrays: [(&str, Option<&ArrayD<F>>); 4] = [
+            ("support_x", Some(&self.support_x)),
+            ("support_y", self.support_y.values()),
+            ("query_x", Some(&self.query_x)),
+            ("query_y", self.query_y.values()),
+        ];
+        arrays.into_iter().find_map(|(name, a)| {
+            let a = a?;
+            a.indexed_iter()
+                .find(|(_, v)| !v.is_finite())
+                .map(|(at, v)| format!("{name}{:?} = {v}", at.slice()))
+        })
+    }
+
     /// How many tasks of `tasks` share one tape: `task_chunk` (0: half the meta-batch,
     /// rounded up) for models that [batch tasks](crate::nn::Model::batches_tasks) when
-    /// every task is a regression task, else 1. It depends only on these, never on the
+    /// every task is a regression task of the same shapes, else 1. It depends only on these, never on the
     /// thread count, so results stay thread-independent.
     pub fn chunk_size(tasks: &[Task<F>], task_chunk: usize, model_batches: bool) -> usize {
-        if model_batches && tasks.iter().all(Task::is_regression) {
+        let one_layout = tasks.iter().all(|t| t.same_layout(&tasks[0]));
+        if model_batches && one_layout && tasks.iter().all(Task::is_regression) {
             match task_chunk {
                 0 => tasks.len().div_ceil(2).max(1),
                 c => c,

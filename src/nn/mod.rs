@@ -19,6 +19,7 @@
 //! assert_eq!(grads.len(), params.len());
 //! ```
 
+pub mod init;
 pub mod layers;
 pub mod models;
 pub mod norm;

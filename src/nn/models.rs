@@ -1,5 +1,6 @@
 //! Ready networks: the sinusoid MLP and Conv-4, and the [`Model`] trait they share.
 
+use super::init::{normal, uniform};
 use super::layers::{conv2d, flatten, linear};
 use super::norm::{
     batch_norm, batch_norm_relu_max_pool2d, group_norm, task_norm, Affine, Ctx, Observed,
@@ -7,8 +8,7 @@ use super::norm::{
 use super::Params;
 use crate::{Float, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
-use ndarray_rand::rand_distr::{StandardNormal, Uniform};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -123,18 +123,13 @@ pub trait Model<F: Float>: Send + Sync {
     fn batches_tasks(&self) -> bool {
         false
     }
-}
-
-fn uniform<F: Float>(rng: &mut ChaCha8Rng, shape: &[usize], bound: f64) -> ArrayD<F> {
-    let d = Uniform::new(-bound, bound);
-    ArrayD::from_shape_simple_fn(IxDyn(shape), || F::c(rng.sample(d)))
-}
-
-fn normal<F: Float>(rng: &mut ChaCha8Rng, shape: &[usize], std: f64) -> ArrayD<F> {
-    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
-        let z: f64 = rng.sample(StandardNormal);
-        F::c(z * std)
-    })
+    /// The width of the network's output — the number of classes, for a classifier — when
+    /// it is known without running the network. The meta-learners then check class
+    /// labels against it before a step, and refuse a label out of range with an error
+    /// naming the task and the label instead of running the task.
+    fn outputs(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A multi-layer perceptron with ReLU between layers; `sizes = [1, 40, 40, 1]` is the
@@ -195,6 +190,10 @@ impl<F: Float> Model<F> for Mlp {
 
     fn batches_tasks(&self) -> bool {
         true
+    }
+
+    fn outputs(&self) -> Option<usize> {
+        self.sizes.last().copied()
     }
 }
 
@@ -432,6 +431,10 @@ impl<F: Float> Model<F> for Conv4 {
         };
         let n = p.len();
         linear(t, h, p[n - 2], p[n - 1])
+    }
+
+    fn outputs(&self) -> Option<usize> {
+        Some(self.ways)
     }
 
     fn head(&self) -> Vec<usize> {

@@ -250,8 +250,8 @@ pub fn batch_norm<F: Float>(
                      NormMode::Transductive knowingly"
                 ),
             };
-            let m = t.constant(crate::ops::from_vec(&cs, r.mean.clone()));
-            let v = t.constant(crate::ops::from_vec(&cs, r.var.clone()));
+            let m = t.constant(crate::array::from_vec(&cs, r.mean.clone()));
+            let v = t.constant(crate::array::from_vec(&cs, r.var.clone()));
             (normalise(t, x, m, v, gamma, beta, eps), None)
         }
         NormMode::Train | NormMode::Transductive => {

@@ -104,10 +104,29 @@ impl<F: Float> Params<F> {
         self.tensors.iter().map(|p| t.constant(p.clone())).collect()
     }
 
-    /// A 64-bit digest of the values' bit patterns (FNV-1a, in order): equal for bitwise
-    /// equal parameters, for comparing runs, thread counts and ranks at a glance.
+    /// A 64-bit digest of the whole set: the element type, then every parameter's name,
+    /// shape and values, in order. It is FNV-1a taken byte by byte over that stream (names
+    /// as UTF-8 after their length, lengths and dimensions as little-endian `u64`, values as
+    /// their little-endian IEEE bytes, so `f32` parameters are hashed as 4 bytes each).
+    ///
+    /// Equal for bitwise-equal parameter sets; a change to any bit of any value, a renamed,
+    /// reordered or reshaped parameter, or another float type changes it (up to the 2⁻⁶⁴
+    /// chance of a collision). Use it to compare runs, thread counts and ranks at a glance;
+    /// where both sets are at hand, compare the sets themselves (`==`).
+    ///
+    /// Digests printed by versions before 0.2 hashed only the values, widened to `f64`,
+    /// and differ from these.
     pub fn digest(&self) -> u64 {
-        digest_floats(self.tensors.iter().flat_map(|t| t.iter().copied()))
+        let mut h = Digest::new();
+        h.str(std::any::type_name::<F>());
+        h.u64(self.len() as u64);
+        for (name, t) in self.iter() {
+            h.str(name);
+            h.u64(t.ndim() as u64);
+            t.shape().iter().for_each(|&d| h.u64(d as u64));
+            h.floats(t.iter().copied());
+        }
+        h.finish()
     }
 
     /// Whether `other` has the same names and shapes.
@@ -155,9 +174,45 @@ impl<F: Float> Params<F> {
     }
 }
 
-/// FNV-1a over the values' `f64` bit patterns, in order (see [`Params::digest`]).
-pub(crate) fn digest_floats<F: Float>(values: impl IntoIterator<Item = F>) -> u64 {
-    values.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, v| {
-        (h ^ v.f64().to_bits()).wrapping_mul(0x100_0000_01b3)
-    })
+/// FNV-1a (64-bit), fed byte by byte: the digest behind [`Params::digest`] and the ranks'
+/// fingerprint.
+pub(crate) struct Digest(u64);
+
+impl Digest {
+    pub(crate) fn new() -> Self {
+        Digest(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    pub(crate) fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+
+    /// A string, after its length (so that no two sequences of strings run together).
+    pub(crate) fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.bytes(s.as_bytes());
+    }
+
+    /// Each value's own little-endian IEEE bytes: 4 for `f32`, 8 for `f64`.
+    pub(crate) fn floats<F: Float>(&mut self, values: impl IntoIterator<Item = F>) {
+        for v in values {
+            match std::mem::size_of::<F>() {
+                // SAFETY: `Float` is implemented for `f32` and `f64` only, and the size
+                // says which: a 4-byte float has a `u32`'s size and bits, an 8-byte one a `u64`'s.
+                4 => self.bytes(&unsafe { std::mem::transmute_copy::<F, u32>(&v) }.to_le_bytes()),
+                8 => self.bytes(&unsafe { std::mem::transmute_copy::<F, u64>(&v) }.to_le_bytes()),
+                n => unreachable!("a {n}-byte float"),
+            }
+        }
+    }
+
+    pub(crate) fn finish(&self) -> u64 {
+        self.0
+    }
 }

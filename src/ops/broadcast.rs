@@ -2,7 +2,7 @@
 //! at most a few merged dimensions with a contiguous (or constant) innermost loop,
 //! instead of a generic n-dimensional iterator.
 
-use super::simd::{push_map, push_zip};
+use crate::array::simd::{push_map, push_zip};
 use crate::Float;
 
 /// Element strides of an input of shape `shape` viewed at the output shape `out`
@@ -95,7 +95,7 @@ pub(crate) fn binary<F: Float>(
     );
     let dims = merged(out_shape, [&ea, &eb]);
     let total = out_shape.iter().product();
-    super::simd::dispatch(
+    crate::array::simd::dispatch(
         #[inline(always)]
         || {
             let mut out = Vec::with_capacity(total);
@@ -162,7 +162,7 @@ pub(crate) fn sum_to<F: Float>(x: &[F], sx: &[usize], target: &[usize]) -> Vec<F
     let dims = merged(sx, [&contiguous, &eo]);
     let mut out = vec![F::zero(); target.iter().product()];
     let (n, [sx, so]) = dims[dims.len() - 1];
-    super::simd::dispatch(
+    crate::array::simd::dispatch(
         #[inline(always)]
         || {
             for_outer(

@@ -36,7 +36,7 @@ impl<F: Float> Tape<F> {
     fn binary(&mut self, name: &str, a: Var, b: Var, f: impl Fn(F, F) -> F, op: Op) -> Var {
         let (x, y) = (self.value(a), self.value(b));
         let value = if x.shape() == y.shape() {
-            from_vec(x.shape(), super::simd::zip_map(flat(x), flat(y), f))
+            from_vec(x.shape(), crate::array::simd::zip_map(flat(x), flat(y), f))
         } else {
             let shape = broadcast_shapes(x.shape(), y.shape()).unwrap_or_else(|| {
                 panic!(
@@ -53,7 +53,7 @@ impl<F: Float> Tape<F> {
 
     fn unary(&mut self, a: Var, f: impl Fn(F) -> F, op: Op) -> Var {
         let x = self.value(a);
-        let value = from_vec(x.shape(), super::simd::map(flat(x), f));
+        let value = from_vec(x.shape(), crate::array::simd::map(flat(x), f));
         self.push(value, op, &[a])
     }
 
@@ -159,7 +159,8 @@ impl<F: Float> Tape<F> {
             mask.len(),
             x.shape()
         );
-        let v = super::simd::zip_map(flat(x), &mask[..], |p, m| if m { p } else { F::zero() });
+        let v =
+            crate::array::simd::zip_map(flat(x), &mask[..], |p, m| if m { p } else { F::zero() });
         let value = from_vec(x.shape(), v);
         self.push(value, Op::Mask(a, mask), &[a])
     }
@@ -169,7 +170,7 @@ impl<F: Float> Tape<F> {
     /// (taken as 0 at 0) and its second derivative is zero wherever it exists: a ReLU
     /// network's Hessian comes only from the other ops (losses, products).
     pub fn relu(&mut self, a: Var) -> Var {
-        let m = super::simd::map(flat(self.value(a)), |p| p > F::zero() || p.is_nan());
+        let m = crate::array::simd::map(flat(self.value(a)), |p| p > F::zero() || p.is_nan());
         self.mask(a, m)
     }
 

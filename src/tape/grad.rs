@@ -221,7 +221,7 @@ impl<F: Float> Tape<F> {
         let acc = acc
             .as_slice_mut()
             .expect("metagrad: tape values are stored in row-major layout");
-        crate::ops::add_assign(acc, crate::ops::flat(g));
+        crate::array::add_assign(acc, crate::array::flat(g));
     }
 
     /// Replaces a scratch node's value with an empty array.

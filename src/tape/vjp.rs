@@ -257,7 +257,7 @@ fn put_all<const N: usize>(out: &mut Vec<(Var, Var)>, ins: [Var; N], grads: [Opt
 fn shift_by_most_likely<F: Float>(t: &mut Tape<F>, g: Var, p: Var) -> Var {
     let shape = t.shape(p).to_vec();
     let k = shape.last().copied().unwrap_or(1).max(1);
-    let src: Vec<usize> = crate::ops::flat(t.value(p))
+    let src: Vec<usize> = crate::array::flat(t.value(p))
         .chunks_exact(k)
         .enumerate()
         .map(|(r, row)| {

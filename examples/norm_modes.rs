@@ -30,6 +30,7 @@ use metagrad::data::{EpisodeSampler, ImageCollection};
 use metagrad::eval::{confidence_interval, EvalReport};
 use metagrad::meta::{MetaConfig, MetaLearner, Optimizer};
 use metagrad::nn::{Conv4, NormKind, NormMode};
+use metagrad::train::{Progress, Trainer};
 use serde_json::json;
 use std::error::Error;
 use std::process::ExitCode;
@@ -78,28 +79,14 @@ fn train(
     let mut sampler =
         EpisodeSampler::new(train, args.setup.spec(), args.setup.seed.wrapping_add(1))?;
     let t0 = Instant::now();
-    let every = (args.steps / 10).max(1);
-    let mut window = Vec::new();
-    let mut final_accuracy = f64::NAN;
-    for step in 1..=args.steps {
-        let stats = common::train_step(&mut learner, &mut opt, &mut sampler, args.meta_batch)?;
-        window.push(stats.accuracy.unwrap_or(f64::NAN));
-        if step % every == 0 || step == args.steps {
-            final_accuracy = window.iter().sum::<f64>() / window.len() as f64;
-            eprintln!(
-                "  {name}: step {step:>5}/{}  train query accuracy {:.1}% (last {})  [{:.0}s]",
-                args.steps,
-                100.0 * final_accuracy,
-                window.len(),
-                t0.elapsed().as_secs_f64()
-            );
-            window.clear();
-        }
-    }
+    let summary = Trainer::new(args.steps, args.meta_batch)
+        .name(format!("  {name}"))
+        .progress(Progress::Lines)
+        .run(&mut learner, &mut opt, &mut sampler)?;
     Ok(Trained {
         learner,
         seconds: t0.elapsed().as_secs_f64(),
-        final_accuracy,
+        final_accuracy: summary.final_accuracy.unwrap_or(f64::NAN),
     })
 }
 

@@ -15,6 +15,7 @@ pub mod meta;
 pub mod nn;
 pub mod ops;
 pub mod tape;
+pub mod train;
 
 /// The `ndarray` crate (version 0.16) that every tensor in metagrad's API is made of:
 /// build inputs and read results with it, so that your arrays are metagrad's arrays.

@@ -272,8 +272,8 @@ impl<F: Float> Checkpoint<F> {
     /// skipped-step counts, and configuration (keeping the learner's `parallel_iterations`,
     /// which does not change results) — and returns the optimiser and the random number
     /// generator to continue with. The checkpoint's configuration replaces the learner's:
-    /// [`config_changes`](Self::config_changes) lists what that changes, and the examples
-    /// print it when they resume. [`extras`](Self::extras) are the caller's to read.
+    /// [`config_changes`](Self::config_changes) lists what that changes, and the
+    /// [trainer](crate::train) prints it when it resumes. [`extras`](Self::extras) are the caller's to read.
     ///
     /// # Errors
     /// [`Error::Checkpoint`] when the checkpoint does not fit the learner (see

@@ -57,7 +57,7 @@ pub enum Error {
     /// A meta-step or an evaluation whose result is not finite (NaN or ±∞). The
     /// learner, its optimiser and its statistics were left exactly as they were.
     NonFinite {
-        /// What was running: `"meta_step"`, `"reptile_step"` or `"evaluate"`.
+        /// What was running: `"meta_step"`, `"reptile_step"`, `"apply"` or `"evaluate"`.
         during: &'static str,
         /// The meta-batch it happened at: [`MetaLearner::meta_batches`](crate::meta::MetaLearner::meta_batches),
         /// steps taken plus steps skipped before it (0-based).

@@ -35,3 +35,12 @@ pub use alloc::tune_allocator;
 pub use error::{Error, Result};
 pub use float::Float;
 pub use tape::{Tape, Var};
+
+// The Rust examples of the README and the design notes compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/design.md")]
+struct DesignDoctests;

@@ -789,7 +789,7 @@ impl Shown {
                 eprint!("\r\x1b[2K{line}");
                 self.last_draw = Instant::now();
             }
-        } else if step % self.every == 0 || step == self.total {
+        } else if step.is_multiple_of(self.every) || step == self.total {
             eprintln!("{line}");
             self.window = (0.0, 0.0, 0);
         }

@@ -1,5 +1,5 @@
 //! iMAML: the implicit meta-gradient against a closed form, against MAML unrolled through
-//! the regularised inner loop, and against finite differences; thread-count
+//! the regularised inner loop, and against finite differences; thread- and rank-count
 //! independence, the non-finite and non-convergence policy, refusals, checkpoints.
 
 mod common;
@@ -7,6 +7,7 @@ mod common;
 use common::state;
 use metagrad::checkpoint::Checkpoint;
 use metagrad::data::{rng_from_seed, EpisodeSampler, EpisodeSpec, ImageCollection};
+use metagrad::dist::{Comm, Transport};
 use metagrad::map_fn::with_threads;
 use metagrad::meta::{
     Imaml, InnerRule, MetaConfig, MetaLearner, NonFinite, Optimizer, Order, Targets, Task,
@@ -18,6 +19,7 @@ use ndarray::{Array2, Array3, ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
+use std::sync::{Arc, Barrier, Mutex};
 
 fn uniform(rng: &mut ChaCha8Rng, shape: &[usize]) -> ArrayD<f64> {
     ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.gen_range(-1.0..1.0))
@@ -236,7 +238,8 @@ fn unrolled_maml_converges_to_implicit() {
             distance(&g, &implicit) / scale
         })
         .collect();
-    eprintln!("relative distance to iMAML's meta-gradient for T = 1, 2, 4, …, 64: {diffs:.3?}");
+    let shown: Vec<String> = diffs.iter().map(|d| format!("{d:.1e}")).collect();
+    eprintln!("relative distance to iMAML's meta-gradient for T = 1, 2, 4, …, 64: {shown:?}");
     for w in diffs.windows(2) {
         assert!(w[1] < w[0], "the differences do not fall: {diffs:?}");
     }
@@ -586,4 +589,71 @@ fn checkpoints_keep_the_implicit_configuration() {
     let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-v1.json");
     assert_eq!(Checkpoint::<f32>::load(old).unwrap().config.implicit, None);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `size` ranks as threads of this process, joined by an in-memory all-gather (the
+/// `Comm` code path MPI takes; as in `tests/dist.rs`).
+struct Threads {
+    rank: usize,
+    shared: Arc<(Barrier, Mutex<Vec<Vec<u8>>>)>,
+}
+
+impl Transport for Threads {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shared.1.lock().unwrap().len()
+    }
+    fn all_gather(&self, mine: &[u8]) -> Vec<Vec<u8>> {
+        let (barrier, slots) = &*self.shared;
+        slots.lock().unwrap()[self.rank] = mine.to_vec();
+        barrier.wait();
+        let all = slots.lock().unwrap().clone();
+        barrier.wait();
+        all
+    }
+    fn abort(&self, code: i32) -> ! {
+        panic!("aborted with {code}")
+    }
+    fn name(&self) -> &'static str {
+        "threads"
+    }
+}
+
+/// Every rank of a 3-rank job ends bitwise as one process, with the same CG report.
+#[test]
+fn ranks_end_bitwise_equal_to_one_process() {
+    let batches: Vec<Vec<Task<f32>>> = (0..2).map(|s| image_tasks(5, 10 + s)).collect();
+    let train = |comm: Comm| {
+        let config = MetaConfig::imaml(3, 0.1, 2.0, 3);
+        let mut l = MetaLearner::<f32, _>::new(small_conv(), config, 0)
+            .with_comm(comm)
+            .unwrap();
+        let mut opt = Optimizer::adam(1e-2);
+        let cg: Vec<_> = batches
+            .iter()
+            .map(|b| l.meta_step(b, &mut opt).unwrap().cg)
+            .collect();
+        (format!("{:?}", state(&l, &opt)), cg)
+    };
+    let one = train(Comm::local());
+    let size = 3;
+    let shared = Arc::new((Barrier::new(size), Mutex::new(vec![Vec::new(); size])));
+    let ranks: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..size)
+            .map(|rank| {
+                let t = Threads {
+                    rank,
+                    shared: shared.clone(),
+                };
+                let train = &train;
+                s.spawn(move || train(Comm::new(Arc::new(t))))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in ranks {
+        assert_eq!(r, one);
+    }
 }

@@ -11,6 +11,11 @@
 //!
 //! Under `mpirun`, rank 0 prints, adding the bytes each rank sent and received per step.
 //!
+//! Memory against inner steps: `W2-omni5w1s-{5,16,50}step-SO` (MAML) beside
+//! `W2-omni5w1s-{5,16,50}step-iMAML` (iMAML, λ = 2, 5 CG steps, inner rate 0.1); the
+//! peak resident set is printed per workload. For a clean figure per workload, run each
+//! in its own process (`--only NAME`).
+//!
 //! One timed step: every task's inner loop, query loss and meta-gradient, plus the outer
 //! Adam step; task data is made before the timer starts; f32; the median of `--steps`
 //! steps after `--warmup` steps. For each workload a human line like the reference
@@ -24,7 +29,7 @@
 
 use metagrad::dist::Comm;
 use metagrad::map_fn::with_threads;
-use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order, Targets, Task};
+use metagrad::meta::{Imaml, MetaConfig, MetaLearner, Optimizer, Order, Targets, Task};
 use metagrad::nn::{Conv4, Mlp, Model};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
@@ -41,7 +46,18 @@ struct Workload {
     shots: usize,
     queries: usize,
     inner_lr: f64,
+    /// iMAML's settings (the meta-gradient by conjugate gradient), or MAML.
+    imaml: Option<Imaml>,
 }
+
+/// iMAML with the paper's Omniglot settings, λ = 2 and 5 CG steps, and damping δ = 1 (the
+/// damping changes the work only where CG stops early).
+const PAPER_IMAML: Option<Imaml> = Some(Imaml {
+    lambda: 2.0,
+    cg_steps: 5,
+    damping: 1.0,
+    tolerance: None,
+});
 
 const WORKLOADS: &[Workload] = &[
     Workload {
@@ -54,6 +70,7 @@ const WORKLOADS: &[Workload] = &[
         shots: 10,
         queries: 10,
         inner_lr: 0.01,
+        imaml: None,
     },
     Workload {
         name: "W1-sin-5step-SO",
@@ -65,6 +82,7 @@ const WORKLOADS: &[Workload] = &[
         shots: 10,
         queries: 10,
         inner_lr: 0.01,
+        imaml: None,
     },
     Workload {
         name: "W2-omni5w1s-1step-SO",
@@ -76,6 +94,7 @@ const WORKLOADS: &[Workload] = &[
         shots: 1,
         queries: 15,
         inner_lr: 0.4,
+        imaml: None,
     },
     Workload {
         name: "W2-omni5w1s-5step-SO",
@@ -87,6 +106,7 @@ const WORKLOADS: &[Workload] = &[
         shots: 1,
         queries: 15,
         inner_lr: 0.4,
+        imaml: None,
     },
     Workload {
         name: "W2-omni5w1s-1step-FO",
@@ -98,6 +118,7 @@ const WORKLOADS: &[Workload] = &[
         shots: 1,
         queries: 15,
         inner_lr: 0.4,
+        imaml: None,
     },
     Workload {
         name: "W3-omni20w1s-1step-SO",
@@ -109,6 +130,68 @@ const WORKLOADS: &[Workload] = &[
         shots: 1,
         queries: 5,
         inner_lr: 0.4,
+        imaml: None,
+    },
+    // Memory against inner steps: MAML records every step, iMAML none.
+    Workload {
+        name: "W2-omni5w1s-16step-SO",
+        omniglot: true,
+        meta_batch: 32,
+        inner_steps: 16,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.4,
+        imaml: None,
+    },
+    Workload {
+        name: "W2-omni5w1s-50step-SO",
+        omniglot: true,
+        meta_batch: 32,
+        inner_steps: 50,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.4,
+        imaml: None,
+    },
+    Workload {
+        name: "W2-omni5w1s-5step-iMAML",
+        omniglot: true,
+        meta_batch: 32,
+        inner_steps: 5,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.1,
+        imaml: PAPER_IMAML,
+    },
+    Workload {
+        name: "W2-omni5w1s-16step-iMAML",
+        omniglot: true,
+        meta_batch: 32,
+        inner_steps: 16,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.1,
+        imaml: PAPER_IMAML,
+    },
+    Workload {
+        name: "W2-omni5w1s-50step-iMAML",
+        omniglot: true,
+        meta_batch: 32,
+        inner_steps: 50,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.1,
+        imaml: PAPER_IMAML,
     },
 ];
 
@@ -121,8 +204,10 @@ const WORKLOADS: &[Workload] = &[
 /// data). One inner step costs `S·(fwd + dx + dw)` for `S` support examples; the query
 /// pass costs `Q·(fwd + dx + dw)`. Second order adds the backward pass through each
 /// inner step: every recorded adjoint has two adjoints of its own size, and the support
-/// forward pass its own backward, `3·S·(dx + dw)` per step. Elementwise work, norms
-/// and pooling are not counted.
+/// forward pass its own backward, `3·S·(dx + dw)` per step. iMAML's inner steps are
+/// first order; it adds one recorded support pass at the solution and, per CG step, a
+/// Hessian-vector product counted like a second-order step's backward,
+/// `3·S·(dx + dw)`. Elementwise work, norms and pooling are not counted.
 fn step_flops(w: &Workload) -> f64 {
     // (cost of the first layer, cost of all layers) per example, forward.
     let (first, fwd) = if w.omniglot {
@@ -145,7 +230,9 @@ fn step_flops(w: &Workload) -> f64 {
     };
     let steps = w.inner_steps as f64;
     let mut per_task = steps * s * (fwd + dx + dw) + q * (fwd + dx + dw);
-    if w.second_order {
+    if let Some(imaml) = w.imaml {
+        per_task += s * (fwd + dx + dw) + imaml.cg_steps as f64 * 3.0 * s * (dx + dw);
+    } else if w.second_order {
         per_task += steps * 3.0 * s * (dx + dw);
     }
     per_task * w.meta_batch as f64
@@ -310,8 +397,15 @@ fn rand_distr_normal() -> ndarray_rand::rand_distr::StandardNormal {
     ndarray_rand::rand_distr::StandardNormal
 }
 
-/// Resets the kernel's peak-resident-set counter for this process (Linux).
+/// Resets the kernel's peak-resident-set counter for this process (Linux), after handing
+/// the memory the allocator keeps (see `tune_allocator`) back to the kernel, so that a
+/// workload's peak does not start from the previous workload's.
 fn reset_peak_rss() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
@@ -360,6 +454,9 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
     }
     if !w.second_order {
         config = config.with_order(Order::First);
+    }
+    if let Some(imaml) = w.imaml {
+        config = config.implicit(imaml);
     }
     let mut learner = MetaLearner::<f32, _>::new(model, config, 0)
         .with_comm(comm.clone())

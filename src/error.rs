@@ -74,6 +74,23 @@ pub enum Error {
         /// failed.
         data: Option<String>,
     },
+    /// An iMAML meta-step whose conjugate gradient ended above the configured tolerance
+    /// ([`Imaml::tolerance`](crate::meta::Imaml::tolerance)) in some task, everything else
+    /// being finite; refused under [`NonFinite::Error`](crate::meta::NonFinite) like a
+    /// non-finite step. The learner, its optimiser and its statistics were left exactly
+    /// as they were.
+    NotConverged {
+        /// What was running (`"meta_step"`).
+        during: &'static str,
+        /// The meta-batch it happened at (as in [`Error::NonFinite`]).
+        step: u64,
+        /// Indices (in the batch given) of the tasks that failed.
+        tasks: Vec<usize>,
+        /// The largest relative residual `‖b − A x‖ / ‖b‖` reached.
+        residual: f64,
+        /// The tolerance it had to reach.
+        tolerance: f64,
+    },
     /// A task of the meta-batch mapper failed (panicked); `message` is its panic message.
     Task {
         /// Index of the failing task along dimension 0.
@@ -123,6 +140,18 @@ impl fmt::Display for Error {
                 }
                 write!(f, "; nothing was changed")
             }
+            Error::NotConverged {
+                during,
+                step,
+                tasks,
+                residual,
+                tolerance,
+            } => write!(
+                f,
+                "{during} at meta-step {step}: iMAML's conjugate gradient did not converge in \
+                 task(s) {tasks:?} (relative residual {residual:.3e} above the tolerance \
+                 {tolerance:.3e}); nothing was changed"
+            ),
             Error::Task { index, message } => write!(f, "task {index} failed: {message}"),
         }
     }

@@ -7,6 +7,7 @@
 //! | ANIL | [`InnerRule::HeadOnly`]: only the head adapts | as MAML |
 //! | MAML++ | [`InnerRule::PerTensorPerStep`] (LSLR), plus [`MetaConfig::multi_step_loss`], [`Order::Annealed`], per-step batch norm ([`NormKind::Batch`](crate::nn::NormKind)) | |
 //! | Reptile | [`InnerRule::Sgd`] via [`MetaLearner::reptile_step`] | `θ − φ` |
+//! | iMAML | [`InnerRule::Sgd`] on the regularised support loss ([`MetaConfig::implicit`], see [`imaml`]) | `(I + H/λ)⁻¹ ∇L_Q(φ*)` by conjugate gradient |
 //!
 //! One episode ([`InnerLoop::episode`]) is the same for all: adapt on the support set
 //! ([`InnerLoop::adapt`]: take the gradient of the support loss with respect to the
@@ -30,10 +31,12 @@
 //! ```
 
 mod episode;
+pub mod imaml;
 mod optim;
 mod task;
 
 pub use episode::{adapted_indices, last_step_only, EpisodeRun, InnerLoop};
+pub use imaml::{CgStats, Imaml};
 pub use optim::{Optimizer, OuterRule};
 pub use task::{Targets, Task};
 
@@ -120,6 +123,11 @@ pub struct MetaConfig {
     /// reaches the parameters.
     #[serde(default)]
     pub on_non_finite: NonFinite,
+    /// iMAML: take the implicit meta-gradient at the end point of a regularised inner
+    /// loop instead of differentiating through it (see [`imaml`]). `None` (the default,
+    /// and what checkpoints without the field read as): the rule's own meta-gradient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implicit: Option<Imaml>,
 }
 
 /// What [`MetaLearner::meta_step`] and [`MetaLearner::reptile_step`] do with a step
@@ -154,6 +162,7 @@ impl MetaConfig {
             parallel_iterations: usize::MAX,
             task_chunk: default_task_chunk(),
             on_non_finite: NonFinite::Error,
+            implicit: None,
         }
     }
 
@@ -179,7 +188,7 @@ impl MetaConfig {
     ///
     /// # Errors
     /// [`Error::Config`] for an inner learning rate that is not
-    /// finite.
+    /// finite, or iMAML settings that cannot be used ([`Imaml::validate`]).
     pub fn validate(&self) -> Result<()> {
         if !self.inner_lr.is_finite() {
             return Err(Error::Config(format!(
@@ -187,7 +196,10 @@ impl MetaConfig {
                 self.inner_lr
             )));
         }
-        Ok(())
+        match &self.implicit {
+            Some(imaml) => imaml.validate(self),
+            None => Ok(()),
+        }
     }
 }
 
@@ -203,6 +215,9 @@ pub struct StepStats {
     /// Whether the step was skipped because its loss or update was not finite (under
     /// [`NonFinite::Skip`]); nothing changed then, and `loss` says what was measured.
     pub skipped: bool,
+    /// iMAML's conjugate gradient, the worst over the meta-batch (`None` for the other
+    /// methods, and for first-order iMAML, which runs none).
+    pub cg: Option<CgStats>,
 }
 
 /// What one tape computed for a group of tasks: the meta-gradient (or, for Reptile, the
@@ -212,8 +227,11 @@ struct GroupResult<F: Float> {
     loss: f64,
     accuracy: Option<f64>,
     observed: Vec<Observed<F>>,
-    /// Whether the loss and every tensor of `result` are finite.
+    /// Whether the loss and every tensor of `result` are finite (and, for iMAML, its
+    /// conjugate gradient converged where a tolerance asks for it).
     finite: bool,
+    /// iMAML's conjugate gradient (the worst over the group).
+    cg: Option<CgStats>,
 }
 
 impl<F: Float> Wire for GroupResult<F> {
@@ -223,6 +241,9 @@ impl<F: Float> Wire for GroupResult<F> {
         self.loss.put(out);
         self.accuracy.put(out);
         self.finite.put(out);
+        self.cg
+            .map(|c| ((c.iterations, c.unconverged), c.residual))
+            .put(out);
         self.observed.len().put(out);
         for o in &self.observed {
             (o.layer, o.step).put(out);
@@ -234,6 +255,13 @@ impl<F: Float> Wire for GroupResult<F> {
         let n = usize::get(input)?;
         let result = (0..n).map(|_| get_array(input)).collect::<Result<_>>()?;
         let (loss, accuracy, finite) = (f64::get(input)?, Option::get(input)?, bool::get(input)?);
+        let cg = Option::<((usize, usize), f64)>::get(input)?.map(
+            |((iterations, unconverged), residual)| CgStats {
+                iterations,
+                residual,
+                unconverged,
+            },
+        );
         let k = usize::get(input)?;
         let observed = (0..k)
             .map(|_| {
@@ -252,6 +280,7 @@ impl<F: Float> Wire for GroupResult<F> {
             accuracy,
             observed,
             finite,
+            cg,
         })
     }
 }
@@ -589,6 +618,9 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
     /// tasks batched as one computation): the gradient of the sum of their meta-losses,
     /// that sum, the accuracy (single tasks), and the statistics observed.
     fn run_group(&self, group: &[Task<F>], second_order: bool) -> GroupResult<F> {
+        if let Some(imaml) = &self.config.implicit {
+            return imaml::run_group(self, group, imaml, second_order);
+        }
         let mut t = Tape::new();
         let theta = self.params.place(&mut t);
         let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
@@ -629,6 +661,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             loss: value,
             accuracy: acc,
             observed: ctx.observed,
+            cg: None,
         }
     }
 
@@ -698,6 +731,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         scale: F,
     ) -> Reduced<F> {
         accumulate_in_order(&mut sums, per_group.iter().map(|r| &r.result), scale);
+        let cg = CgStats::fold(per_group.iter().filter_map(|r| r.cg));
         let (mut loss, mut acc, mut has_acc) = (0.0, 0.0, false);
         let mut observed = Vec::new();
         // Each entry's loss is the sum over its tasks (one task, or a chunk).
@@ -717,6 +751,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 accuracy: has_acc.then_some(acc / n),
                 second_order: false,
                 skipped: false,
+                cg,
             },
             observed,
         }
@@ -741,13 +776,17 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             bad.map(|i| names[i].clone())
         };
         match self.config.on_non_finite {
-            NonFinite::Error => Err(Error::NonFinite {
-                during,
-                step: self.meta_batches(),
-                tasks: batch.bad_tasks,
-                param,
-                data: None,
-            }),
+            NonFinite::Error => {
+                let step = self.meta_batches();
+                let e = imaml::not_converged(&self.config, during, step, &batch, param.is_some());
+                Err(e.unwrap_or(Error::NonFinite {
+                    during,
+                    step,
+                    tasks: batch.bad_tasks,
+                    param,
+                    data: None,
+                }))
+            }
             NonFinite::Skip => {
                 self.skipped_steps += 1;
                 Ok(StepStats {
@@ -903,6 +942,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                     loss,
                     accuracy: acc,
                     observed: ctx.observed,
+                    cg: None,
                 }
             })?;
         let bad = (0..tasks.len()).filter(|&i| !per_task[i].finite).collect();
@@ -967,6 +1007,9 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         steps: usize,
         mode: NormMode,
     ) -> (f64, Option<f64>) {
+        if let Some(imaml) = &self.config.implicit {
+            return imaml::evaluate(self, imaml, task, steps, mode);
+        }
         let mut t = Tape::new();
         let theta = self.params.place(&mut t);
         let (net, rates) = theta.split_at(self.net_len);

@@ -6,8 +6,11 @@
 //!
 //! * [`sinusoid`]: the sine-wave regression tasks of the MAML paper
 //!   ([`SinusoidSampler`], [`SinusoidTask`], [`SinusoidBatch`]).
-//! * [`episodes`]: a seeded N-way K-shot Q-query sampler over any labelled image
-//!   collection ([`ImageCollection`], [`EpisodeSampler`], [`Episode`], [`EpisodeBatch`]).
+//! * [`collection`]: one labelled collection for examples of any shape, `[C, H, W]` images
+//!   (bytes kept as bytes) or `[D]` vectors, with class names ([`Collection`]).
+//! * [`episodes`]: a seeded N-way K-shot Q-query sampler over a collection
+//!   ([`EpisodeSampler`], [`Episode`], [`EpisodeBatch`]).
+//! * [`transform`]: per-episode normalisation and augmentation, seeded ([`Transforms`]).
 //! * [`omniglot`]: the Omniglot loader (official folders or zips), with the MAML
 //!   split and the official split ([`Omniglot`]).
 //!
@@ -35,13 +38,17 @@
 //! # Ok::<(), metagrad::Error>(())
 //! ```
 
+pub mod collection;
 pub mod episodes;
 pub mod omniglot;
 pub mod sinusoid;
+pub mod transform;
 
-pub use episodes::{Episode, EpisodeBatch, EpisodeSampler, EpisodeSpec, ImageCollection};
+pub use collection::{Collection, Examples, ImageCollection};
+pub use episodes::{Episode, EpisodeBatch, EpisodeSampler, EpisodeSpec};
 pub use omniglot::{resize_area, Omniglot, OmniglotSplits, Part};
 pub use sinusoid::{SinusoidBatch, SinusoidConfig, SinusoidSampler, SinusoidTask};
+pub use transform::{Augment, Normalize, Transforms};
 
 use ndarray::{Array, ArrayBase, Data, Dimension};
 use rand::SeedableRng;

@@ -403,7 +403,7 @@ pub fn resize_area(image: ArrayView2<'_, f32>, height: usize, width: usize) -> R
 }
 
 /// Precomputed separable weights for area-averaging resizes between two fixed sizes.
-struct AreaResizer {
+pub(crate) struct AreaResizer {
     /// For each source row: the output rows it contributes to, with weights.
     row_targets: Vec<Vec<(usize, f32)>>,
     /// For each output column: the first source column it covers and the weights
@@ -414,7 +414,7 @@ struct AreaResizer {
 }
 
 impl AreaResizer {
-    fn new((src_h, src_w): (usize, usize), (dst_h, dst_w): (usize, usize)) -> Self {
+    pub(crate) fn new((src_h, src_w): (usize, usize), (dst_h, dst_w): (usize, usize)) -> Self {
         let mut row_targets = vec![Vec::new(); src_h];
         for (i, weights) in area_weights(src_h, dst_h).into_iter().enumerate() {
             for (y, w) in weights {
@@ -441,7 +441,7 @@ impl AreaResizer {
     /// `source_row(y, buffer)` writes source row `y` (`src_w` pixels) into `buffer`,
     /// so callers can convert pixels on the fly. Two passes: source rows are
     /// blended into `dst_h` full-width rows, which are then shrunk to `dst_w`.
-    fn resize(&self, mut source_row: impl FnMut(usize, &mut [f32]), out: &mut [f32]) {
+    pub(crate) fn resize(&self, mut source_row: impl FnMut(usize, &mut [f32]), out: &mut [f32]) {
         let mut row = vec![0.0f32; self.src_w];
         let mut tall = vec![0.0f32; self.dst_h * self.src_w];
         for (y, targets) in self.row_targets.iter().enumerate() {

@@ -64,11 +64,11 @@ fn mini_imagenet_renmengye_cache_numpy2_protocols_5_and_4() {
     assert_eq!(splits.train.num_classes(), 3);
     assert_eq!(splits.validation.num_classes(), 2);
     assert_eq!(splits.test.num_classes(), 2);
-    assert_eq!(splits.train.example_shape(), &[3, 12, 12]);
+    assert_eq!(splits.train.example_shape(), &[3, 16, 16]);
     assert_eq!(splits.train.class_name(0).as_deref(), Some("n00001000"));
     assert_eq!(splits.test.class_name(1).as_deref(), Some("n00001006"));
-    // Bytes stay bytes: 12 images of 12x12x3.
-    assert_eq!(splits.train.examples().memory_bytes(), 12 * 12 * 12 * 3);
+    // Bytes stay bytes: 12 images of 16x16x3.
+    assert_eq!(splits.train.examples().memory_bytes(), 12 * 16 * 16 * 3);
     check_exact(&splits.train, 0, 4);
     check_exact(&splits.validation, 3, 4);
     check_exact(&splits.test, 5, 4);
@@ -108,7 +108,7 @@ fn cifar_fs_numpy2_protocol5_and_fc100_python2() {
         (Benchmark::Fc100, "fc100"),
     ] {
         let splits = benchmark.load(fixtures().join(dir)).unwrap();
-        assert_eq!(splits.train.example_shape(), &[3, 8, 8]);
+        assert_eq!(splits.train.example_shape(), &[3, 16, 16]);
         check_exact(&splits.train, 0, 5);
         check_exact(&splits.validation, 3, 5);
         check_exact(&splits.test, 5, 5);
@@ -137,7 +137,7 @@ fn ravi_csv_split_of_jpegs() {
     let splits = Benchmark::MiniImageNet.load(&dir).unwrap();
     assert_eq!(splits.train.num_classes(), 3);
     assert_eq!(splits.validation.num_classes(), 2);
-    assert_eq!(splits.test.num_classes(), 1);
+    assert_eq!(splits.test.num_classes(), 2);
     assert_eq!(splits.train.example_shape(), &[3, 84, 84]);
     assert_eq!(splits.train.class_name(2).as_deref(), Some("n00001002"));
     // The JPEGs are 10x10; at their own size they are close to the values written.
@@ -230,8 +230,8 @@ fn episodes_of_colour_images_and_their_transforms() {
         .unwrap()
         .sample_batch(2)
         .unwrap();
-    assert_eq!(plain.xs.shape(), &[2, 6, 3, 8, 8]);
-    assert_eq!(plain.xq.shape(), &[2, 9, 3, 8, 8]);
+    assert_eq!(plain.xs.shape(), &[2, 6, 3, 16, 16]);
+    assert_eq!(plain.xq.shape(), &[2, 9, 3, 16, 16]);
     // Every example is one of its class's images.
     let ep = plain.episode(0).unwrap();
     for row in 0..6 {
@@ -252,7 +252,7 @@ fn episodes_of_colour_images_and_their_transforms() {
         .sample_batch(2)
         .unwrap();
     assert_eq!(normalized.classes, plain.classes);
-    let (a, b) = (plain.xs[[1, 2, 1, 3, 4]], normalized.xs[[1, 2, 1, 3, 4]]);
+    let (a, b) = (plain.xs[[1, 2, 1, 13, 4]], normalized.xs[[1, 2, 1, 13, 4]]);
     assert_eq!(b, (a - norm.mean[1]) / norm.std[1]);
 
     // Augmentation: seeded, independent of the thread count, different from plain.

@@ -189,10 +189,8 @@ impl Benchmark {
                     load_labelled_pickle(&metaopt, side)
                 } else if csv.is_file() {
                     ImageFolder::new(dir, 84, 84).load_csv(&csv)
-                } else if any_exists(&[&cache, &metaopt, &csv]) || has_any(dir, "mini") {
-                    Err(not_found(cache))
                 } else {
-                    Err(not_found(dir.to_path_buf()))
+                    Err(not_found(cache))
                 }
             }
             Benchmark::TieredImageNet => {
@@ -227,18 +225,6 @@ impl Benchmark {
             }
         }
     }
-}
-
-fn any_exists(paths: &[&Path]) -> bool {
-    paths.iter().any(|p| p.exists())
-}
-
-fn has_any(dir: &Path, needle: &str) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().contains(needle))
-    })
 }
 
 fn format_error(path: &Path, message: String) -> Error {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use super::collection::{rows_of_labels, Collection, Examples};
 use super::folder::ImageFolder;
-use super::formats::{self, entry, image_array, image_array_of, labels, pickle::Value};
+use super::formats::{self, entry, image_array_of, labels, pickle::Value, take_image_array};
 use super::transform::Normalize;
 use crate::{Error, Result};
 
@@ -258,8 +258,8 @@ fn load_class_dict_pickle(path: &Path, side: Option<usize>) -> Result<Collection
     class_dict_collection(formats::load_pickle(path, "")?, path, side)
 }
 
-fn class_dict_collection(value: Value, path: &Path, side: Option<usize>) -> Result<Collection> {
-    let images = image_array(entry(&value, "image_data", path)?, "image_data", path, side)?;
+fn class_dict_collection(mut value: Value, path: &Path, side: Option<usize>) -> Result<Collection> {
+    let images = take_image_array(&mut value, "image_data", path, side)?;
     let n = images.shape()[0];
     let Value::Dict(classes) = entry(&value, "class_dict", path)? else {
         return Err(format_error(
@@ -300,8 +300,8 @@ fn load_labelled_pickle(path: &Path, side: Option<usize>) -> Result<Collection> 
     labelled_collection(formats::load_pickle(path, "")?, path, side)
 }
 
-fn labelled_collection(value: Value, path: &Path, side: Option<usize>) -> Result<Collection> {
-    let images = image_array(entry(&value, "data", path)?, "data", path, side)?;
+fn labelled_collection(mut value: Value, path: &Path, side: Option<usize>) -> Result<Collection> {
+    let images = take_image_array(&mut value, "data", path, side)?;
     let raw = labels(entry(&value, "labels", path)?, "labels", path)?;
     let names = value.get("catname2label").and_then(|d| match d {
         Value::Dict(items) => Some(

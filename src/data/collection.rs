@@ -465,6 +465,15 @@ impl Collection {
         let [ch, h, w] = self.example_shape[..] else {
             unreachable!("only images [C, H, W] are rotated or stored channels-last")
         };
+        if turns == 0 && self.channels_last {
+            // The common case of pickled images: [H, W, C] to [C, H, W], plane by plane.
+            for (k, plane) in out.chunks_exact_mut(h * w).enumerate() {
+                for (o, pixel) in plane.iter_mut().zip(src[k..].iter().step_by(ch)) {
+                    *o = to_f32(*pixel);
+                }
+            }
+            return;
+        }
         // Stored offset of the source pixel (channel k, row y, column x).
         let offset = |k: usize, y: usize, x: usize| {
             if self.channels_last {

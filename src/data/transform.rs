@@ -220,16 +220,21 @@ fn augment(
         let dx = rng.gen_range(0..=2 * p);
         scratch.clear();
         scratch.extend_from_slice(image);
+        // Output columns j with a source column x = j + dx - p inside the image.
+        let j0 = p.saturating_sub(dx);
+        let j1 = (w + p).saturating_sub(dx).min(w);
         for k in 0..c {
             for i in 0..h {
-                for j in 0..w {
-                    let (y, x) = ((i + dy).wrapping_sub(p), (j + dx).wrapping_sub(p));
-                    image[(k * h + i) * w + j] = if y < h && x < w {
-                        scratch[(k * h + y) * w + x]
-                    } else {
-                        0.0
-                    };
+                let out = &mut image[(k * h + i) * w..(k * h + i + 1) * w];
+                let y = (i + dy).wrapping_sub(p);
+                if y >= h || j0 >= j1 {
+                    out.fill(0.0);
+                    continue;
                 }
+                let src = &scratch[(k * h + y) * w..(k * h + y + 1) * w];
+                out[..j0].fill(0.0);
+                out[j0..j1].copy_from_slice(&src[j0 + dx - p..j1 + dx - p]);
+                out[j1..].fill(0.0);
             }
         }
     }

@@ -87,9 +87,22 @@ pub(crate) fn entry<'a>(value: &'a Value, key: &str, path: &Path) -> Result<&'a 
     })
 }
 
+/// Takes the `uint8` image array `[N, H, W, C]` (C order) of entry `key` out of the dict
+/// `value` read from `path`, checked against the sizes expected.
+pub(crate) fn take_image_array(
+    value: &mut Value,
+    key: &str,
+    path: &Path,
+    side: Option<usize>,
+) -> Result<ArrayD<u8>> {
+    entry(value, key, path)?;
+    let array = value.take(key).expect("the entry exists");
+    image_array(array, key, path, side)
+}
+
 /// A `uint8` image array `[N, H, W, C]` (C order), checked against the sizes expected.
 pub(crate) fn image_array(
-    value: &Value,
+    value: Value,
     what: &str,
     path: &Path,
     side: Option<usize>,
@@ -100,7 +113,7 @@ pub(crate) fn image_array(
             format!("{what}: expected a numpy array, found {}", value.describe()),
         ));
     };
-    image_array_of(array.clone(), what, path, side)
+    image_array_of(array, what, path, side)
 }
 
 /// Like [`image_array`], for an array already read.

@@ -189,6 +189,20 @@ impl Value {
         }
     }
 
+    /// Takes the entry `key` out of a dict with string keys (so that its arrays are not
+    /// shared and can be moved out without a copy).
+    pub fn take(&mut self, key: &str) -> Option<Value> {
+        match self {
+            Value::Dict(items) => {
+                let at = items
+                    .iter()
+                    .position(|(k, _)| k.text().as_deref() == Some(key))?;
+                Some(items.swap_remove(at).1)
+            }
+            _ => None,
+        }
+    }
+
     /// The keys of a dict, as text.
     pub fn keys(&self) -> Vec<String> {
         match self {

@@ -33,7 +33,7 @@ use rayon::prelude::*;
 const SIDE: usize = 84;
 const CLASSES: usize = 64;
 
-/// Resident memory high-water mark in MB, from /proc/self/status.
+/// Resident memory high-water mark in MiB, from /proc/self/status.
 fn peak_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -166,10 +166,10 @@ fn main() {
     let collection = load_image_pickle(&pickle).unwrap();
     let load_s = t.elapsed().as_secs_f64();
     let load_peak = peak_mb();
-    let data_mb = collection.examples().memory_bytes() as f64 / 1e6;
+    let data_mb = collection.examples().memory_bytes() as f64 / (1u64 << 20) as f64;
     println!(
-        "pickle load: {load_s:.2}s for {} images; u8 data {data_mb:.0} MB; peak resident {:.0} \
-         MB (before the load: {before:.0} MB)",
+        "pickle load: {load_s:.2}s for {} images; u8 data {data_mb:.0} MiB; peak resident {:.0} \
+         MiB (before the load: {before:.0} MiB)",
         collection.num_images(),
         load_peak
     );
@@ -225,7 +225,7 @@ fn main() {
     let decode_s = t.elapsed().as_secs_f64();
     println!(
         "JPEG folder load: {decode_s:.2}s for {} images ({:.0} images/s on {threads} thread(s)); \
-         peak resident {:.0} MB (before the load: {before:.0} MB)",
+         peak resident {:.0} MiB (before the load: {before:.0} MiB)",
         decoded.num_images(),
         decoded.num_images() as f64 / decode_s,
         peak_mb()

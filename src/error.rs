@@ -45,6 +45,15 @@ pub enum Error {
         /// What was expected and what was found.
         message: String,
     },
+    /// A data file whose contents are not what was expected: a truncated or corrupt pickle
+    /// or `.npy`, an unsupported protocol or dtype, an array of the wrong rank or size, a
+    /// label count that differs from the example count.
+    Format {
+        /// The file (inside an archive: `archive.npz!inner.npy`).
+        path: PathBuf,
+        /// What was expected and what was found.
+        message: String,
+    },
     /// A configuration value that cannot be used (e.g. more ways than classes).
     Config(String),
     /// A checkpoint that is corrupt or does not match the model.
@@ -113,6 +122,9 @@ impl fmt::Display for Error {
             Error::Image { path, message } => write!(f, "cannot decode image {path}: {message}"),
             Error::Layout { path, message } => {
                 write!(f, "unexpected layout in {}: {message}", path.display())
+            }
+            Error::Format { path, message } => {
+                write!(f, "cannot read {}: {message}", path.display())
             }
             Error::Config(message) => write!(f, "invalid configuration: {message}"),
             Error::Checkpoint { path, message } => {

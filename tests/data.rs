@@ -28,6 +28,17 @@ fn rot90(src: ArrayView2<f32>) -> Array2<f32> {
     Array2::from_shape_fn((h, w), |(i, j)| src[[j, w - 1 - i]])
 }
 
+/// Example `index` of class `class` of a one-channel image collection, as `[H, W]`.
+fn image(collection: &ImageCollection, class: usize, index: usize) -> Option<Array2<f32>> {
+    let example = collection.example(class, index)?;
+    Some(
+        example
+            .index_axis_move(ndarray::Axis(0), 0)
+            .into_dimensionality()
+            .unwrap(),
+    )
+}
+
 /// A fresh, empty temporary folder unique to this process and test.
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("metagrad-data-{}-{name}", std::process::id()));
@@ -238,7 +249,7 @@ fn episodes_are_reproducible() {
         .sample_batch(16)
         .unwrap();
     // Bitwise equality of the images, plus labels and classes.
-    let bits = |x: &ndarray::Array5<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let bits = |x: &ndarray::ArrayD<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a.xs), bits(&b.xs));
     assert_eq!(bits(&a.xq), bits(&b.xq));
     assert_eq!(a, b);
@@ -323,12 +334,12 @@ fn rotated_classes_are_rotated_images() {
     assert_eq!(rotated.num_images(), 16);
     for c in 0..2 {
         for j in 0..2 {
-            let mut expected = base.image(c, j).unwrap();
+            let mut expected = image(&base, c, j).unwrap();
             for r in 0..4 {
                 let class = c + r * 2;
                 assert_eq!(rotated.class_rotation(class), Some(r as u8));
                 assert_eq!(
-                    rotated.image(class, j).unwrap(),
+                    image(&rotated, class, j).unwrap(),
                     expected,
                     "class {c} turn {r}"
                 );
@@ -337,16 +348,16 @@ fn rotated_classes_are_rotated_images() {
         }
     }
     assert_eq!(
-        base.image(0, 0).unwrap(),
+        image(&base, 0, 0).unwrap(),
         arr2(&[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]])
     );
     // numpy.rot90 of that image.
     assert_eq!(
-        rotated.image(2, 0).unwrap(),
+        image(&rotated, 2, 0).unwrap(),
         arr2(&[[2.0, 5.0, 8.0], [1.0, 4.0, 7.0], [0.0, 3.0, 6.0]])
     );
-    assert!(rotated.image(8, 0).is_none());
-    assert!(rotated.image(0, 2).is_none());
+    assert!(image(&rotated, 8, 0).is_none());
+    assert!(image(&rotated, 0, 2).is_none());
 
     // Episodes from the rotated collection carry the rotated pixels.
     let mut sampler = EpisodeSampler::new(&rotated, EpisodeSpec::new(8, 1, 1), 3).unwrap();
@@ -354,7 +365,7 @@ fn rotated_classes_are_rotated_images() {
     for row in 0..8 {
         let class = ep.classes[ep.ys[row]];
         let img = ep.xs.slice(ndarray::s![row, 0, .., ..]).to_owned();
-        let found = (0..2).any(|j| rotated.image(class, j).unwrap() == img);
+        let found = (0..2).any(|j| image(&rotated, class, j).unwrap() == img);
         assert!(found, "row {row} is not an image of class {class}");
     }
 }
@@ -503,10 +514,10 @@ fn omniglot_rotation_classes() {
                 .unwrap()
                 .index_axis(ndarray::Axis(0), j)
                 .to_owned();
-            assert_eq!(rotated.image(c, j).unwrap(), original);
-            assert_eq!(rotated.image(c + n, j).unwrap(), rot90(original.view()));
+            assert_eq!(image(&rotated, c, j).unwrap(), original);
+            assert_eq!(image(&rotated, c + n, j).unwrap(), rot90(original.view()));
             assert_eq!(
-                rotated.image(c + 2 * n, j).unwrap(),
+                image(&rotated, c + 2 * n, j).unwrap(),
                 rot90(rot90(original.view()).view())
             );
         }
@@ -529,14 +540,14 @@ fn omniglot_splits() {
         .collect();
     assert_eq!(all.len(), 1623, "splits overlap or miss characters");
     // The split collections share the one image array.
-    assert!(std::sync::Arc::ptr_eq(
-        s.train.shared_images(),
-        data.collection().shared_images()
-    ));
+    assert!(s
+        .train
+        .examples()
+        .same_storage(data.collection().examples()));
     // Class c of a split is its character's images.
     let c = s.test_characters[5];
     assert_eq!(
-        s.test.image(5, 3).unwrap(),
+        image(&s.test, 5, 3).unwrap(),
         data.character_images(c)
             .unwrap()
             .index_axis(ndarray::Axis(0), 3)
@@ -844,4 +855,76 @@ fn default_path_prefers_env_var() {
             assert_eq!(omniglot::default_path(), Some(PathBuf::from(value)));
         }
     }
+}
+
+/// FNV-1a 64 over bytes, continuing from `h`.
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// The digest of `tests/fixtures/omniglot_first_batch.json`: f32 bits of xs then xq,
+/// then ys, yq and classes as u64, all little-endian.
+fn batch_digest(b: &metagrad::data::EpisodeBatch) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325;
+    for v in b.xs.iter().chain(b.xq.iter()) {
+        h = fnv1a(h, &v.to_bits().to_le_bytes());
+    }
+    for v in b.ys.iter().chain(b.yq.iter()).chain(b.classes.iter()) {
+        h = fnv1a(h, &(*v as u64).to_le_bytes());
+    }
+    format!("{h:016x}")
+}
+
+#[test]
+fn omniglot_maml_first_meta_batch_is_bitwise_unchanged() {
+    let Some(data) = omniglot() else { return };
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/omniglot_first_batch.json"),
+    )
+    .unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let splits = data.split_maml(0, 100).unwrap().with_rotations().unwrap();
+    // The omniglot example's defaults: seed 0 draws training episodes from seed 1.
+    let mut train = EpisodeSampler::with_rng(
+        &splits.train,
+        EpisodeSpec::new(5, 1, 15),
+        metagrad::data::rng_from_seed(1),
+    )
+    .unwrap();
+    let batch = train.sample_batch(32).unwrap();
+    assert_eq!(batch.xs.shape(), &[32, 5, 1, 28, 28]);
+    let values = |key: &str| -> Vec<f64> {
+        fixture[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let classes: Vec<f64> = batch.classes.row(0).iter().map(|&c| c as f64).collect();
+    assert_eq!(classes, values("train_classes_0"));
+    let ys: Vec<f64> = batch.ys.row(0).iter().map(|&c| c as f64).collect();
+    assert_eq!(ys, values("train_ys_0"));
+    let row: Vec<f32> = batch.xs.slice(ndarray::s![0, 0, 0, 10, ..]).to_vec();
+    let expected: Vec<f32> = values("train_xs_0_row_10")
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    assert_eq!(row, expected);
+    assert_eq!(
+        batch_digest(&batch),
+        fixture["train_digest"].as_str().unwrap()
+    );
+
+    let mut test =
+        EpisodeSampler::new(&splits.test, EpisodeSpec::new(5, 1, 15), 20_170_310).unwrap();
+    let batch = test.sample_batch(64).unwrap();
+    assert_eq!(
+        batch_digest(&batch),
+        fixture["test_digest"].as_str().unwrap()
+    );
 }

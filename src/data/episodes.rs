@@ -1,10 +1,4 @@
-//! N-way K-shot Q-query episodes over a labelled image collection.
-//!
-//! An [`ImageCollection`] keeps all images in one contiguous `[n_images, H, W]`
-//! array and describes each class as a range of rows in it. Classes can be
-//! augmented with 90° rotations ([`ImageCollection::with_rotations`]): each
-//! rotation becomes a new class, applied on the fly when an episode is built, so
-//! no image is stored twice.
+//! N-way K-shot Q-query episodes over a labelled [`Collection`] of examples of any shape.
 //!
 //! An [`EpisodeSampler`] draws tasks from a collection: `N` distinct classes, and
 //! from each class `K + Q` distinct images (`K` support, `Q` query). The classes of
@@ -15,6 +9,10 @@
 //! Within an episode, examples are grouped by class: support rows
 //! `p*K .. (p+1)*K` and query rows `p*Q .. (p+1)*Q` hold the `p`-th sampled class,
 //! whose label is `ys[p*K]` (= `yq[p*Q]`). `classes[label]` names the collection class.
+//! An example of shape `S` (`[C, H, W]` or `[D]`) makes support images `[N*K, ...S]`.
+//!
+//! Transforms (normalisation, augmentation) are off by default; see
+//! [`EpisodeSampler::with_transforms`] and the [`transform`](super::transform) module.
 //!
 //! # Example
 //!
@@ -42,243 +40,16 @@
 //! # Ok::<(), metagrad::Error>(())
 //! ```
 
-use std::ops::Range;
-use std::sync::Arc;
-
-use ndarray::parallel::prelude::*;
-use ndarray::{
-    Array1, Array2, Array3, Array4, Array5, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2,
-    ArrayViewMut4, Axis,
-};
+use ndarray::{Array1, Array2, ArrayD, ArrayViewMut1, Axis, IxDyn};
 use rand::seq::{index, SliceRandom};
+use rand::Rng;
+use rand::SeedableRng;
+use rayon::prelude::*;
 
+use super::collection::Collection;
+use super::transform::Transforms;
 use super::{rng_from_seed, SamplerRng};
 use crate::{Error, Result};
-
-/// One class of a collection: a range of rows of the image array, seen under a rotation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Class {
-    /// Rows of the image array holding this class's images.
-    range: Range<usize>,
-    /// Counter-clockwise quarter turns applied to every image (0..4).
-    quarter_turns: u8,
-}
-
-/// Labelled images: one contiguous `[n_images, H, W]` array plus the rows of each class.
-///
-/// Cloning is cheap: the image array is shared (reference-counted), so the
-/// collections of a train/validation/test split all point at the same memory.
-#[derive(Clone, Debug)]
-pub struct ImageCollection {
-    images: Arc<Array3<f32>>,
-    classes: Vec<Class>,
-}
-
-impl ImageCollection {
-    /// A collection from an image array and the row range of each class.
-    ///
-    /// Errors with [`Error::Config`] when a range is empty or reaches past the
-    /// last image. Ranges may appear in any order (and may even overlap).
-    pub fn new(images: Array3<f32>, class_ranges: Vec<Range<usize>>) -> Result<Self> {
-        Self::from_shared(Arc::new(images), class_ranges)
-    }
-
-    /// Like [`new`](Self::new), for an image array that is already shared.
-    pub fn from_shared(images: Arc<Array3<f32>>, class_ranges: Vec<Range<usize>>) -> Result<Self> {
-        // Keep the promise of one contiguous, row-major array.
-        let images = if images.is_standard_layout() {
-            images
-        } else {
-            Arc::new(images.as_standard_layout().into_owned())
-        };
-        let n = images.len_of(Axis(0));
-        for (c, range) in class_ranges.iter().enumerate() {
-            if range.start >= range.end || range.end > n {
-                return Err(Error::Config(format!(
-                    "class {c} has image range {range:?}, which is empty or reaches past \
-                     the {n} images of the collection"
-                )));
-            }
-        }
-        let classes = class_ranges
-            .into_iter()
-            .map(|range| Class {
-                range,
-                quarter_turns: 0,
-            })
-            .collect();
-        Ok(ImageCollection { images, classes })
-    }
-
-    /// A collection whose classes are consecutive blocks of rows with the given sizes
-    /// (class 0 = the first `sizes[0]` images, and so on).
-    ///
-    /// Errors with [`Error::Config`] when a size is zero or the sizes do not add up
-    /// to the number of images.
-    pub fn from_class_sizes(images: Array3<f32>, sizes: &[usize]) -> Result<Self> {
-        let n = images.len_of(Axis(0));
-        let total = sizes.iter().try_fold(0usize, |acc, &s| acc.checked_add(s));
-        if total != Some(n) {
-            return Err(Error::Config(format!(
-                "class sizes add up to {}, but the collection has {n} images",
-                total.map_or_else(|| "more than usize::MAX".to_string(), |t| t.to_string())
-            )));
-        }
-        let mut start = 0;
-        let ranges = sizes
-            .iter()
-            .map(|&s| {
-                let range = start..start + s;
-                start += s;
-                range
-            })
-            .collect();
-        Self::new(images, ranges)
-    }
-
-    /// Number of classes (rotated copies count as classes of their own).
-    pub fn num_classes(&self) -> usize {
-        self.classes.len()
-    }
-
-    /// Number of images over all classes (rotated copies counted separately).
-    pub fn num_images(&self) -> usize {
-        self.classes.iter().map(|c| c.range.len()).sum()
-    }
-
-    /// Height and width of every image.
-    pub fn image_shape(&self) -> (usize, usize) {
-        let (_, h, w) = self.images.dim();
-        (h, w)
-    }
-
-    /// The whole stored image array `[n_stored, H, W]`, shared by all classes (unrotated).
-    pub fn images(&self) -> ArrayView3<'_, f32> {
-        self.images.view()
-    }
-
-    /// The shared image array itself.
-    pub fn shared_images(&self) -> &Arc<Array3<f32>> {
-        &self.images
-    }
-
-    /// Number of images in class `class`, or `None` if there is no such class.
-    pub fn class_len(&self, class: usize) -> Option<usize> {
-        self.classes.get(class).map(|c| c.range.len())
-    }
-
-    /// Rows of [`images`](Self::images) holding class `class`, or `None` if there is no such class.
-    pub fn class_range(&self, class: usize) -> Option<Range<usize>> {
-        self.classes.get(class).map(|c| c.range.clone())
-    }
-
-    /// Counter-clockwise quarter turns (0 to 3) applied to class `class`'s images.
-    pub fn class_rotation(&self, class: usize) -> Option<u8> {
-        self.classes.get(class).map(|c| c.quarter_turns)
-    }
-
-    /// Size of the smallest class (0 for a collection without classes).
-    pub fn min_class_len(&self) -> usize {
-        self.classes
-            .iter()
-            .map(|c| c.range.len())
-            .min()
-            .unwrap_or(0)
-    }
-
-    /// Image `index` of class `class` as seen in episodes (rotation applied),
-    /// or `None` if either index is out of range.
-    pub fn image(&self, class: usize, index: usize) -> Option<Array2<f32>> {
-        let c = self.classes.get(class)?;
-        if index >= c.range.len() {
-            return None;
-        }
-        let (h, w) = self.image_shape();
-        let mut out = Array2::zeros((h, w));
-        self.copy_image(c, index, out.view_mut());
-        Some(out)
-    }
-
-    /// A collection of the given classes, in the given order (they become classes
-    /// `0..classes.len()`). The image array is shared, not copied.
-    ///
-    /// Errors with [`Error::Config`] for a class index out of range.
-    pub fn subset(&self, classes: &[usize]) -> Result<Self> {
-        let picked = classes
-            .iter()
-            .map(|&c| {
-                self.classes.get(c).cloned().ok_or_else(|| {
-                    Error::Config(format!(
-                        "class {c} does not exist (the collection has {} classes)",
-                        self.classes.len()
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ImageCollection {
-            images: Arc::clone(&self.images),
-            classes: picked,
-        })
-    }
-
-    /// Class augmentation with rotations, as in MAML: every class is followed by
-    /// copies rotated by 90°, 180° and 270° counter-clockwise, each a class of its own.
-    ///
-    /// The result has `4 × num_classes` classes, ordered by rotation: class
-    /// `c + r × num_classes` is class `c` turned `r` quarter turns (like
-    /// `numpy.rot90(image, r)`). Rotations are applied when images are copied into
-    /// episodes, so no memory is added. Errors with [`Error::Config`] for
-    /// non-square images.
-    pub fn with_rotations(&self) -> Result<Self> {
-        let (h, w) = self.image_shape();
-        if h != w {
-            return Err(Error::Config(format!(
-                "rotation augmentation needs square images, these are {h}x{w}"
-            )));
-        }
-        let classes = (0..4u8)
-            .flat_map(|r| {
-                self.classes.iter().map(move |c| Class {
-                    range: c.range.clone(),
-                    quarter_turns: (c.quarter_turns + r) % 4,
-                })
-            })
-            .collect();
-        Ok(ImageCollection {
-            images: Arc::clone(&self.images),
-            classes,
-        })
-    }
-
-    /// Copies image `index` of class `c`, rotated, into `out` (shape `[H, W]`).
-    fn copy_image(&self, c: &Class, index: usize, mut out: ArrayViewMut2<'_, f32>) {
-        let src: ArrayView2<'_, f32> = self.images.index_axis(Axis(0), c.range.start + index);
-        // The rotations of numpy.rot90 (counter-clockwise), as zero-copy views.
-        let view = match c.quarter_turns {
-            1 => {
-                // out[i][j] = src[j][W-1-i]
-                let mut v = src.reversed_axes();
-                v.invert_axis(Axis(0));
-                v
-            }
-            2 => {
-                // out[i][j] = src[H-1-i][W-1-j]
-                let mut v = src;
-                v.invert_axis(Axis(0));
-                v.invert_axis(Axis(1));
-                v
-            }
-            3 => {
-                // out[i][j] = src[H-1-j][i]
-                let mut v = src.reversed_axes();
-                v.invert_axis(Axis(1));
-                v
-            }
-            _ => src,
-        };
-        out.assign(&view);
-    }
-}
 
 /// The shape of a task: `ways` classes (`N`), `shots` support (`K`) and `queries`
 /// query (`Q`) examples per class.
@@ -308,7 +79,7 @@ impl EpisodeSpec {
     /// Errors with [`Error::Config`] naming the values when `ways`, `shots` or `queries`
     /// is zero, `ways` exceeds the number of classes, or `shots + queries` exceeds the
     /// size of the smallest class.
-    pub fn validate(&self, collection: &ImageCollection) -> Result<()> {
+    pub fn validate(&self, collection: &Collection) -> Result<()> {
         let EpisodeSpec {
             ways,
             shots,
@@ -327,11 +98,12 @@ impl EpisodeSpec {
                 "ways = {ways} exceeds the number of classes in the collection ({classes})"
             )));
         }
-        let smallest = collection.min_class_len();
+        let (class, smallest) = collection.smallest_class().unwrap_or((0, 0));
         if shots.checked_add(queries).is_none_or(|n| n > smallest) {
             return Err(Error::Config(format!(
                 "shots + queries = {shots} + {queries} exceeds the number of examples in \
-                 the smallest class ({smallest})"
+                 the smallest class ({smallest}, class {class}: {})",
+                collection.class_name(class).unwrap_or_default()
             )));
         }
         Ok(())
@@ -341,12 +113,12 @@ impl EpisodeSpec {
 /// One N-way K-shot task.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Episode {
-    /// Support images, shape `[N*K, 1, H, W]`, grouped by class.
-    pub xs: Array4<f32>,
+    /// Support examples, shape `[N*K, ...S]` (images: `[N*K, C, H, W]`), grouped by class.
+    pub xs: ArrayD<f32>,
     /// Support labels in `0..N`, shape `[N*K]`.
     pub ys: Array1<usize>,
-    /// Query images, shape `[N*Q, 1, H, W]`, grouped by class in the same order.
-    pub xq: Array4<f32>,
+    /// Query examples, shape `[N*Q, ...S]`, grouped by class in the same order.
+    pub xq: ArrayD<f32>,
     /// Query labels, shape `[N*Q]`.
     pub yq: Array1<usize>,
     /// The collection class behind each label: `classes[label]`, length `N`.
@@ -356,12 +128,12 @@ pub struct Episode {
 /// A meta-batch of `T` episodes, stacked along dimension 0.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EpisodeBatch {
-    /// Support images, shape `[T, N*K, 1, H, W]`.
-    pub xs: Array5<f32>,
+    /// Support examples, shape `[T, N*K, ...S]`.
+    pub xs: ArrayD<f32>,
     /// Support labels, shape `[T, N*K]`.
     pub ys: Array2<usize>,
-    /// Query images, shape `[T, N*Q, 1, H, W]`.
-    pub xq: Array5<f32>,
+    /// Query examples, shape `[T, N*Q, ...S]`.
+    pub xq: ArrayD<f32>,
     /// Query labels, shape `[T, N*Q]`.
     pub yq: Array2<usize>,
     /// The collection class behind each label, shape `[T, N]`.
@@ -397,21 +169,24 @@ struct TaskPlan {
     classes: Vec<usize>,
     /// Label of each sampled position (a permutation of `0..N`).
     labels: Vec<usize>,
-    /// For each position: `K + Q` distinct image indices within its class
+    /// For each position: `K + Q` distinct example indices within its class
     /// (the first `K` for support, the rest for query).
     examples: Vec<Vec<usize>>,
+    /// Seed of the task's random transforms (drawn only when there are some).
+    transform_seed: Option<u64>,
 }
 
-/// Draws seeded N-way K-shot episodes from an [`ImageCollection`].
+/// Draws seeded N-way K-shot episodes from a [`Collection`].
 ///
 /// Classes are drawn without replacement, examples within a class without
 /// replacement, and labels are randomly permuted per task. The same seed gives
 /// the same sequence of episodes, whatever the number of threads.
 #[derive(Clone, Debug)]
 pub struct EpisodeSampler<'a> {
-    collection: &'a ImageCollection,
+    collection: &'a Collection,
     spec: EpisodeSpec,
     rng: SamplerRng,
+    transforms: Transforms,
 }
 
 impl<'a> EpisodeSampler<'a> {
@@ -419,13 +194,13 @@ impl<'a> EpisodeSampler<'a> {
     ///
     /// Errors with [`Error::Config`] when the tasks cannot be drawn (see
     /// [`EpisodeSpec::validate`]).
-    pub fn new(collection: &'a ImageCollection, spec: EpisodeSpec, seed: u64) -> Result<Self> {
+    pub fn new(collection: &'a Collection, spec: EpisodeSpec, seed: u64) -> Result<Self> {
         Self::with_rng(collection, spec, rng_from_seed(seed))
     }
 
     /// Like [`new`](Self::new), with a caller-provided random number generator.
     pub fn with_rng(
-        collection: &'a ImageCollection,
+        collection: &'a Collection,
         spec: EpisodeSpec,
         rng: SamplerRng,
     ) -> Result<Self> {
@@ -434,7 +209,26 @@ impl<'a> EpisodeSampler<'a> {
             collection,
             spec,
             rng,
+            transforms: Transforms::default(),
         })
+    }
+
+    /// The same sampler, transforming every example it copies (see the
+    /// [`transform`](super::transform) module). Random augmentation draws one seed per
+    /// task from the sampler's generator, so the episodes that follow differ from those of
+    /// a sampler without it; normalisation alone draws nothing.
+    ///
+    /// Errors with [`Error::Config`] when the transforms do not fit the examples (see
+    /// [`Transforms::validate`]); the sampler is then dropped, not changed.
+    pub fn with_transforms(mut self, transforms: Transforms) -> Result<Self> {
+        transforms.validate(self.collection.example_shape())?;
+        self.transforms = transforms;
+        Ok(self)
+    }
+
+    /// The transforms applied to every example.
+    pub fn transforms(&self) -> &Transforms {
+        &self.transforms
     }
 
     /// The task shape.
@@ -443,7 +237,7 @@ impl<'a> EpisodeSampler<'a> {
     }
 
     /// The collection episodes are drawn from.
-    pub fn collection(&self) -> &'a ImageCollection {
+    pub fn collection(&self) -> &'a Collection {
         self.collection
     }
 
@@ -454,6 +248,13 @@ impl<'a> EpisodeSampler<'a> {
         &self.rng
     }
 
+    /// Shape `[rows, ...S]` of a task's support (`rows = N*K`) or query (`N*Q`) set.
+    fn set_shape(&self, rows: usize) -> Vec<usize> {
+        let mut shape = vec![rows];
+        shape.extend_from_slice(self.collection.example_shape());
+        shape
+    }
+
     /// Draws the next episode.
     pub fn sample(&mut self) -> Episode {
         let plan = self.plan();
@@ -462,19 +263,18 @@ impl<'a> EpisodeSampler<'a> {
             shots,
             queries,
         } = self.spec;
-        let (h, w) = self.collection.image_shape();
         let mut episode = Episode {
-            xs: Array4::zeros((ways * shots, 1, h, w)),
+            xs: ArrayD::zeros(IxDyn(&self.set_shape(ways * shots))),
             ys: Array1::zeros(ways * shots),
-            xq: Array4::zeros((ways * queries, 1, h, w)),
+            xq: ArrayD::zeros(IxDyn(&self.set_shape(ways * queries))),
             yq: Array1::zeros(ways * queries),
             classes: classes_by_label(&plan),
         };
         self.fill(
             &plan,
-            episode.xs.view_mut(),
+            episode.xs.as_slice_mut().expect("contiguous"),
             episode.ys.view_mut(),
-            episode.xq.view_mut(),
+            episode.xq.as_slice_mut().expect("contiguous"),
             episode.yq.view_mut(),
         );
         episode
@@ -482,7 +282,7 @@ impl<'a> EpisodeSampler<'a> {
 
     /// Draws the next `tasks` episodes as one stacked batch.
     ///
-    /// Gives the same tasks as `tasks` calls of [`sample`](Self::sample); the pixels
+    /// Gives the same tasks as `tasks` calls of [`sample`](Self::sample); the examples
     /// are copied in parallel. Errors with [`Error::Config`] when `tasks` is zero or
     /// the batch would be too large to allocate.
     pub fn sample_batch(&mut self, tasks: usize) -> Result<EpisodeBatch> {
@@ -496,46 +296,51 @@ impl<'a> EpisodeSampler<'a> {
             shots,
             queries,
         } = self.spec;
-        let (h, w) = self.collection.image_shape();
-        let too_big = || {
-            Error::Config(format!(
-                "a batch of {tasks} tasks of {ways} ways x ({shots} + {queries}) examples \
-                 of {h}x{w} pixels is too large"
-            ))
-        };
-        let largest = [tasks, ways, shots.max(queries), h, w]
+        let shape = self.collection.example_shape().to_vec();
+        let largest = [tasks, ways, shots.max(queries)]
             .iter()
+            .chain(&shape)
             .try_fold(1usize, |acc, &d| acc.checked_mul(d));
         match largest {
             Some(n) if n <= isize::MAX as usize / std::mem::size_of::<f32>() => {}
-            _ => return Err(too_big()),
+            _ => {
+                return Err(Error::Config(format!(
+                    "a batch of {tasks} tasks of {ways} ways x ({shots} + {queries}) examples \
+                     of shape {shape:?} is too large"
+                )))
+            }
         }
 
-        // Draw every plan sequentially (reproducible), then copy pixels in parallel.
+        // Draw every plan sequentially (reproducible), then copy examples in parallel.
         let plans: Vec<TaskPlan> = (0..tasks).map(|_| self.plan()).collect();
+        let batch_shape = |rows: usize| {
+            let mut s = vec![tasks];
+            s.extend(self.set_shape(rows));
+            s
+        };
         let mut batch = EpisodeBatch {
-            xs: Array5::zeros((tasks, ways * shots, 1, h, w)),
+            xs: ArrayD::zeros(IxDyn(&batch_shape(ways * shots))),
             ys: Array2::zeros((tasks, ways * shots)),
-            xq: Array5::zeros((tasks, ways * queries, 1, h, w)),
+            xq: ArrayD::zeros(IxDyn(&batch_shape(ways * queries))),
             yq: Array2::zeros((tasks, ways * queries)),
             classes: Array2::zeros((tasks, ways)),
         };
         for (mut row, plan) in batch.classes.outer_iter_mut().zip(&plans) {
             row.assign(&Array1::from(classes_by_label(plan)));
         }
-        batch
-            .xs
-            .axis_iter_mut(Axis(0))
-            .into_par_iter()
+        let len = self.collection.example_len();
+        let xs = batch.xs.as_slice_mut().expect("contiguous");
+        let xq = batch.xq.as_slice_mut().expect("contiguous");
+        xs.par_chunks_mut((ways * shots * len).max(1))
             .zip(batch.ys.axis_iter_mut(Axis(0)).into_par_iter())
-            .zip(batch.xq.axis_iter_mut(Axis(0)).into_par_iter())
+            .zip(xq.par_chunks_mut((ways * queries * len).max(1)))
             .zip(batch.yq.axis_iter_mut(Axis(0)).into_par_iter())
             .zip(plans.par_iter())
             .for_each(|((((xs, ys), xq), yq), plan)| self.fill(plan, xs, ys, xq, yq));
         Ok(batch)
     }
 
-    /// Draws which classes, labels and images make up the next task.
+    /// Draws which classes, labels and examples make up the next task.
     fn plan(&mut self) -> TaskPlan {
         let EpisodeSpec {
             ways,
@@ -549,43 +354,63 @@ impl<'a> EpisodeSampler<'a> {
         let examples = classes
             .iter()
             .map(|&c| {
-                let len = self.collection.classes[c].range.len();
+                let len = self
+                    .collection
+                    .class_len(c)
+                    .expect("a sampled class exists");
                 index::sample(rng, len, shots + queries).into_vec()
             })
             .collect();
+        // Only random transforms draw, so that other samplers keep their episodes.
+        let transform_seed = self.transforms.augment.is_some().then(|| rng.gen());
         TaskPlan {
             classes,
             labels,
             examples,
+            transform_seed,
         }
     }
 
-    /// Copies the images and labels of `plan` into one task's arrays.
+    /// Copies the examples and labels of `plan` into one task's arrays (`xs` and `xq`
+    /// flat, example after example).
     fn fill(
         &self,
         plan: &TaskPlan,
-        mut xs: ArrayViewMut4<'_, f32>,
+        xs: &mut [f32],
         mut ys: ArrayViewMut1<'_, usize>,
-        mut xq: ArrayViewMut4<'_, f32>,
+        xq: &mut [f32],
         mut yq: ArrayViewMut1<'_, usize>,
     ) {
         let (k, q) = (self.spec.shots, self.spec.queries);
+        let len = self.collection.example_len();
+        let shape = self.collection.example_shape();
+        let mut scratch = Vec::new();
+        // Example `e` of class `c` into `out`, transformed with the generator of task row `row`.
+        let mut copy = |c: usize, e: usize, row: usize, out: &mut [f32]| {
+            self.collection.copy_example(c, e, out);
+            if !self.transforms.is_identity() {
+                let mut rng = SamplerRng::seed_from_u64(plan.transform_seed.unwrap_or(0));
+                rng.set_stream(row as u64);
+                self.transforms.apply(out, shape, &mut rng, &mut scratch);
+            }
+        };
+        let support_rows = plan.classes.len() * k;
         for (p, (&c, examples)) in plan.classes.iter().zip(&plan.examples).enumerate() {
-            let class = &self.collection.classes[c];
             let label = plan.labels[p];
             let (support, query) = examples.split_at(k);
             for (j, &e) in support.iter().enumerate() {
                 let row = p * k + j;
-                let mut image = xs.index_axis_mut(Axis(0), row);
-                self.collection
-                    .copy_image(class, e, image.index_axis_mut(Axis(0), 0));
+                copy(c, e, row, &mut xs[row * len..(row + 1) * len]);
                 ys[row] = label;
             }
             for (j, &e) in query.iter().enumerate() {
                 let row = p * q + j;
-                let mut image = xq.index_axis_mut(Axis(0), row);
-                self.collection
-                    .copy_image(class, e, image.index_axis_mut(Axis(0), 0));
+                copy(
+                    c,
+                    e,
+                    support_rows + row,
+                    &mut xq[row * len..(row + 1) * len],
+                );
                 yq[row] = label;
             }
         }

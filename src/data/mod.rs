@@ -6,8 +6,16 @@
 //!
 //! * [`sinusoid`]: the sine-wave regression tasks of the MAML paper
 //!   ([`SinusoidSampler`], [`SinusoidTask`], [`SinusoidBatch`]).
-//! * [`episodes`]: a seeded N-way K-shot Q-query sampler over any labelled image
-//!   collection ([`ImageCollection`], [`EpisodeSampler`], [`Episode`], [`EpisodeBatch`]).
+//! * [`collection`]: one labelled collection for examples of any shape, `[C, H, W]` images
+//!   (bytes kept as bytes) or `[D]` vectors, with class names ([`Collection`]).
+//! * [`episodes`]: a seeded N-way K-shot Q-query sampler over a collection
+//!   ([`EpisodeSampler`], [`Episode`], [`EpisodeBatch`]).
+//! * [`folder`]: your own images, a folder of class subfolders with optional split files
+//!   ([`ImageFolder`]).
+//! * [`benchmarks`]: miniImageNet, tieredImageNet, CIFAR-FS and FC100 in the formats people
+//!   have on disk: numpy pickles (numpy 1 and 2, protocols 2 to 5), `.npz`, image folders
+//!   ([`Benchmark`], [`Splits`]).
+//! * [`transform`]: per-episode normalisation and augmentation, seeded ([`Transforms`]).
 //! * [`omniglot`]: the Omniglot loader (official folders or zips), with the MAML
 //!   split and the official split ([`Omniglot`]).
 //!
@@ -35,13 +43,22 @@
 //! # Ok::<(), metagrad::Error>(())
 //! ```
 
+pub mod benchmarks;
+pub mod collection;
 pub mod episodes;
+pub mod folder;
+mod formats;
 pub mod omniglot;
 pub mod sinusoid;
+pub mod transform;
 
-pub use episodes::{Episode, EpisodeBatch, EpisodeSampler, EpisodeSpec, ImageCollection};
+pub use benchmarks::{load_image_pickle, Benchmark, Split, Splits};
+pub use collection::{Collection, Examples, ImageCollection};
+pub use episodes::{Episode, EpisodeBatch, EpisodeSampler, EpisodeSpec};
+pub use folder::ImageFolder;
 pub use omniglot::{resize_area, Omniglot, OmniglotSplits, Part};
 pub use sinusoid::{SinusoidBatch, SinusoidConfig, SinusoidSampler, SinusoidTask};
+pub use transform::{Augment, Normalize, Transforms};
 
 use ndarray::{Array, ArrayBase, Data, Dimension};
 use rand::SeedableRng;

@@ -50,11 +50,11 @@ use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
+use ndarray::{Array2, Array4, ArrayView2, ArrayView3, Axis};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
-use super::{rng_from_seed, ImageCollection};
+use super::{rng_from_seed, Collection, Examples, ImageCollection};
 use crate::{Error, Result};
 
 /// Side of the original Omniglot drawings, in pixels.
@@ -207,7 +207,12 @@ impl Omniglot {
             }
         }
         let images = decode_all(&raw_images, image_size)?;
-        let collection = ImageCollection::from_shared(Arc::new(images), ranges)?;
+        let names = characters
+            .iter()
+            .map(|c| format!("{}/{}", c.alphabet, c.name))
+            .collect();
+        let collection =
+            Collection::from_ranges(Examples::F32(Arc::new(images)), false, ranges, Some(names))?;
         Ok(Omniglot {
             collection,
             characters,
@@ -237,7 +242,15 @@ impl Omniglot {
 
     /// All images, `[n_images, size, size]`, ink = 1, background = 0.
     pub fn images(&self) -> ArrayView3<'_, f32> {
-        self.collection.images()
+        match self.collection.examples() {
+            // Stored as [n, 1, size, size].
+            Examples::F32(a) => a
+                .view()
+                .index_axis_move(Axis(1), 0)
+                .into_dimensionality()
+                .expect("Omniglot images are [n, 1, size, size]"),
+            Examples::U8(_) => unreachable!("Omniglot images are stored as f32"),
+        }
     }
 
     /// The images of character `character`, `[n_drawings, size, size]`, or `None`
@@ -390,7 +403,7 @@ pub fn resize_area(image: ArrayView2<'_, f32>, height: usize, width: usize) -> R
 }
 
 /// Precomputed separable weights for area-averaging resizes between two fixed sizes.
-struct AreaResizer {
+pub(crate) struct AreaResizer {
     /// For each source row: the output rows it contributes to, with weights.
     row_targets: Vec<Vec<(usize, f32)>>,
     /// For each output column: the first source column it covers and the weights
@@ -401,7 +414,7 @@ struct AreaResizer {
 }
 
 impl AreaResizer {
-    fn new((src_h, src_w): (usize, usize), (dst_h, dst_w): (usize, usize)) -> Self {
+    pub(crate) fn new((src_h, src_w): (usize, usize), (dst_h, dst_w): (usize, usize)) -> Self {
         let mut row_targets = vec![Vec::new(); src_h];
         for (i, weights) in area_weights(src_h, dst_h).into_iter().enumerate() {
             for (y, w) in weights {
@@ -428,7 +441,7 @@ impl AreaResizer {
     /// `source_row(y, buffer)` writes source row `y` (`src_w` pixels) into `buffer`,
     /// so callers can convert pixels on the fly. Two passes: source rows are
     /// blended into `dst_h` full-width rows, which are then shrunk to `dst_w`.
-    fn resize(&self, mut source_row: impl FnMut(usize, &mut [f32]), out: &mut [f32]) {
+    pub(crate) fn resize(&self, mut source_row: impl FnMut(usize, &mut [f32]), out: &mut [f32]) {
         let mut row = vec![0.0f32; self.src_w];
         let mut tall = vec![0.0f32; self.dst_h * self.src_w];
         for (y, targets) in self.row_targets.iter().enumerate() {
@@ -772,8 +785,8 @@ fn list_zip(zip_path: &Path, part: Part) -> Result<Vec<RawCharacter>> {
     Ok(characters)
 }
 
-/// Decodes and resizes every image in parallel into one `[n, size, size]` array.
-fn decode_all(raw: &[RawImage], size: usize) -> Result<Array3<f32>> {
+/// Decodes and resizes every image in parallel into one `[n, 1, size, size]` array.
+fn decode_all(raw: &[RawImage], size: usize) -> Result<ndarray::ArrayD<f32>> {
     let resizer = AreaResizer::new((SOURCE_SIZE, SOURCE_SIZE), (size, size));
     let mut pixels = vec![0.0f32; raw.len() * size * size];
     pixels
@@ -794,7 +807,9 @@ fn decode_all(raw: &[RawImage], size: usize) -> Result<Array3<f32>> {
             }
             Ok::<(), Error>(())
         })?;
-    Ok(Array3::from_shape_vec((raw.len(), size, size), pixels).expect("buffer of n * size * size"))
+    Ok(Array4::from_shape_vec((raw.len(), 1, size, size), pixels)
+        .expect("buffer of n * size * size")
+        .into_dyn())
 }
 
 /// One decoded Omniglot PNG, rows kept in their decoded form.

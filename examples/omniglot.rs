@@ -29,8 +29,8 @@
 //! transductive mode. See `examples/norm_modes.rs`.
 //!
 //! Cost: with the defaults (64 filters, meta-batch 32, second order) one meta-step takes
-//! about 1.45 s on 2 cores (`cargo bench --bench maml_step`, W2), so the default 2000
-//! steps come to about 50 minutes by that figure; `--first-order`, `--meta-batch 8` or
+//! about 1.32 s on 2 cores (`cargo bench --bench maml_step`, W2, 2026-12-02), so the
+//! default 2000 steps come to about 45 minutes by that figure; `--first-order`, `--meta-batch 8` or
 //! `--filters 32` make it several times cheaper.
 //!
 //! iMAML (Rajeswaran et al. 2019): `--method imaml` takes the implicit meta-gradient

@@ -84,7 +84,9 @@ impl<F: Float> TaskSource<F> for EpisodeSampler<'_> {
         EpisodeSampler::rng(self).clone()
     }
     fn set_rng(&mut self, rng: SamplerRng) -> Result<()> {
-        *self = EpisodeSampler::with_rng(self.collection(), self.spec(), rng)?;
+        let transforms = self.transforms().clone();
+        *self = EpisodeSampler::with_rng(self.collection(), self.spec(), rng)?
+            .with_transforms(transforms)?;
         Ok(())
     }
 }

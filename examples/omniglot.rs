@@ -232,19 +232,23 @@ fn plot(path: &Path, curve: &[Point], title: &str) -> Result<(), Box<dyn Error>>
         ("query loss", curve.iter().map(|p| p.loss).collect()),
         ("query accuracy", curve.iter().map(|p| p.accuracy).collect()),
     ];
+    let first = curve.first().map_or(0.0, |p| p.step as f64);
     for (area, (name, ys)) in panels.iter().zip(series) {
-        let top = ys.iter().copied().fold(0.0f64, f64::max).max(1e-3);
-        let y_max = if name == "query accuracy" {
-            1.0
-        } else {
-            top * 1.05
-        };
+        // Axes scaled to the data (98-99% accuracy is not a flat line at the top), with a
+        // margin; non-finite points (skipped steps) are left out of the range.
+        let finite = ys.iter().copied().filter(|v| v.is_finite());
+        let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+        let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
+        let pad = ((hi - lo) * 0.05).max(1e-3);
+        let (y_min, y_max) = (lo - pad, hi + pad);
         let mut chart = ChartBuilder::on(area)
             .caption(format!("{title}: {name}"), ("sans-serif", 15))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(45)
-            .build_cartesian_2d(0.0..last, 0.0..y_max)?;
+            .build_cartesian_2d(first..last.max(first + 1.0), y_min..y_max)?;
         chart
             .configure_mesh()
             .x_desc("meta-step")

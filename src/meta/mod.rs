@@ -30,11 +30,15 @@
 //! assert!(loss.is_finite());
 //! ```
 
+mod config;
 mod episode;
+mod evaluate;
 pub mod imaml;
 mod optim;
+mod ranks;
 mod task;
 
+pub use config::{InnerRule, MetaConfig, NonFinite, Order};
 pub use episode::{adapted_indices, last_step_only, EpisodeRun, InnerLoop};
 pub use imaml::{CgStats, Imaml};
 pub use optim::{Optimizer, OuterRule};
@@ -42,166 +46,10 @@ pub use task::{Targets, Task};
 
 use crate::dist::{get_array, get_vec, put_array, put_vec, Comm, Wire};
 use crate::map_fn::{accumulate_in_order, map_tasks};
-use crate::nn::{Ctx, Model, NormMode, NormState, Observed, Params};
+use crate::nn::{Ctx, Model, NormState, Observed, Params};
 use crate::{Error, Float, Result, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
-use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
-
-/// How the inner loop updates the adapted parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum InnerRule {
-    /// `φ ← φ − α ∇L` for every parameter (MAML, Reptile).
-    Sgd,
-    /// `φ ← φ − α ⊙ ∇L` with a learned rate per parameter element (Meta-SGD).
-    MetaSgd,
-    /// `φ ← φ − α[l, s] ∇L` with a learned rate per parameter tensor `l` and inner step
-    /// `s` (MAML++'s "per-layer per-step" rates, LSLR: one per weight and one per bias).
-    /// Checkpoints written with its former name `PerLayerPerStep` still load.
-    #[serde(alias = "PerLayerPerStep")]
-    PerTensorPerStep,
-    /// `φ ← φ − α ∇L` for the head only; the body is shared (ANIL).
-    HeadOnly,
-}
-
-/// Which meta-gradient to take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Order {
-    /// Differentiate through the inner updates (exact MAML).
-    Second,
-    /// Treat the inner gradients as constants (FOMAML): the meta-gradient is the query
-    /// gradient at the adapted parameters.
-    First,
-    /// First order for the first `first_order_steps` meta-steps, then second order
-    /// (MAML++'s derivative-order annealing).
-    Annealed {
-        /// Meta-steps taken at first order.
-        first_order_steps: u64,
-    },
-}
-
-impl Order {
-    /// Whether meta-step `step` uses second order.
-    pub fn second_order_at(self, step: u64) -> bool {
-        match self {
-            Order::Second => true,
-            Order::First => false,
-            Order::Annealed { first_order_steps } => step >= first_order_steps,
-        }
-    }
-}
-
-/// Hyper-parameters of meta-training.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetaConfig {
-    /// Inner SGD steps during meta-training.
-    pub inner_steps: usize,
-    /// Inner learning rate α (the initial value where it is learned).
-    pub inner_lr: f64,
-    /// The inner update rule.
-    pub rule: InnerRule,
-    /// First or second order.
-    pub order: Order,
-    /// MAML++ multi-step loss: the meta-loss weighs the query loss after every inner step,
-    /// annealing to the last step only over this many meta-steps.
-    pub multi_step_loss: Option<u64>,
-    /// How batch norms normalise during meta-training (usually [`NormMode::Train`]).
-    pub train_mode: NormMode,
-    /// At most this many tasks (or task chunks) run at once.
-    pub parallel_iterations: usize,
-    /// For models that [batch tasks](Model::batches_tasks): how many tasks share one tape
-    /// and run as one batched computation. Small tasks (sinusoids) are dominated by
-    /// per-op overhead, which this divides by the chunk size. `0` (the default) means
-    /// half the meta-batch, rounded up: two chunks, enough to keep two cores busy; set it
-    /// smaller to spread a meta-batch over more cores. The chunking depends only on this
-    /// number and the meta-batch size, never on the thread count, so results stay
-    /// thread-independent.
-    pub task_chunk: usize,
-    /// What a meta-step does when a task's loss or the meta-gradient is not finite
-    /// (NaN or ±∞): refuse with [`Error::NonFinite`] (the
-    /// default) or skip the step and count it. Either way, nothing non-finite ever
-    /// reaches the parameters.
-    #[serde(default)]
-    pub on_non_finite: NonFinite,
-    /// iMAML: take the implicit meta-gradient at the end point of a regularised inner
-    /// loop instead of differentiating through it (see [`imaml`]). `None` (the default,
-    /// and what checkpoints without the field read as): the rule's own meta-gradient.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub implicit: Option<Imaml>,
-}
-
-/// What [`MetaLearner::meta_step`] and [`MetaLearner::reptile_step`] do with a step
-/// whose loss or update is not finite. In both cases the learner's parameters, running
-/// statistics, step counter and the optimiser's state stay exactly as they were.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum NonFinite {
-    /// Return [`Error::NonFinite`], naming the meta-step, the
-    /// tasks and the first parameter affected.
-    #[default]
-    Error,
-    /// Skip the step, count it in [`MetaLearner::skipped_steps`], and report it in
-    /// [`StepStats::skipped`] (as PyTorch's gradient scaler skips steps with
-    /// non-finite gradients in mixed precision).
-    Skip,
-}
-
-fn default_task_chunk() -> usize {
-    0
-}
-
-impl MetaConfig {
-    /// Second-order MAML with `inner_steps` SGD steps of rate `inner_lr`.
-    pub fn maml(inner_steps: usize, inner_lr: f64) -> Self {
-        MetaConfig {
-            inner_steps,
-            inner_lr,
-            rule: InnerRule::Sgd,
-            order: Order::Second,
-            multi_step_loss: None,
-            train_mode: NormMode::Train,
-            parallel_iterations: usize::MAX,
-            task_chunk: default_task_chunk(),
-            on_non_finite: NonFinite::Error,
-            implicit: None,
-        }
-    }
-
-    /// The same with another inner rule.
-    pub fn with_rule(mut self, rule: InnerRule) -> Self {
-        self.rule = rule;
-        self
-    }
-
-    /// The same with another order.
-    pub fn with_order(mut self, order: Order) -> Self {
-        self.order = order;
-        self
-    }
-
-    /// The same with another policy for non-finite steps.
-    pub fn with_non_finite(mut self, policy: NonFinite) -> Self {
-        self.on_non_finite = policy;
-        self
-    }
-
-    /// Checks that the configuration can produce meaningful steps.
-    ///
-    /// # Errors
-    /// [`Error::Config`] for an inner learning rate that is not
-    /// finite, or iMAML settings that cannot be used ([`Imaml::validate`]).
-    pub fn validate(&self) -> Result<()> {
-        if !self.inner_lr.is_finite() {
-            return Err(Error::Config(format!(
-                "the inner learning rate is {}; it must be a finite number",
-                self.inner_lr
-            )));
-        }
-        match &self.implicit {
-            Some(imaml) => imaml.validate(self),
-            None => Ok(()),
-        }
-    }
-}
 
 /// What one meta-step measured (before its update).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -439,67 +287,6 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         }
         self.params = params;
         Ok(())
-    }
-
-    /// The same learner on `comm`'s ranks: each rank runs its contiguous block of every
-    /// meta-batch's tasks, and every rank ends each step bitwise as one process would (see
-    /// [`crate::dist`]). Checks that every rank holds the same float type, model,
-    /// configuration, parameters and statistics.
-    ///
-    /// # Errors
-    /// [`Error::Config`] naming what differs between the ranks.
-    pub fn with_comm(mut self, comm: Comm) -> Result<Self>
-    where
-        M: Debug,
-    {
-        comm.check_same(&self.fingerprint())?;
-        self.comm = comm;
-        Ok(self)
-    }
-
-    /// Checks again that every rank holds the same float type, model, configuration,
-    /// step, parameters and statistics — after each rank restored a checkpoint of its own,
-    /// say (without a shared filesystem, a stale file on one host would otherwise make the
-    /// ranks diverge).
-    ///
-    /// # Errors
-    /// [`Error::Config`] naming what differs between the ranks.
-    pub fn check_ranks(&self) -> Result<()>
-    where
-        M: Debug,
-    {
-        self.comm.check_same(&self.fingerprint())
-    }
-
-    /// What must be equal on every rank, named.
-    fn fingerprint(&self) -> Vec<(&'static str, String)>
-    where
-        M: Debug,
-    {
-        let params = self.params.digest();
-        let mut norm = crate::nn::params::Digest::new();
-        for r in self.norm.stats.iter().flatten() {
-            norm.u64(r.mean.len() as u64);
-            norm.floats(r.mean.iter().chain(&r.var).copied());
-        }
-        let norm = norm.finish();
-        vec![
-            ("the float type", std::any::type_name::<F>().to_string()),
-            ("the model", format!("{:?}", self.model)),
-            ("the configuration", format!("{:?}", self.config)),
-            ("the meta-step", self.meta_batches().to_string()),
-            (
-                "the parameters (initialisation seed?)",
-                format!("{params:016x}"),
-            ),
-            ("the running statistics", format!("{norm:016x}")),
-        ]
-    }
-
-    /// The communicator the learner runs on ([`Comm::local`] unless
-    /// [`MetaLearner::with_comm`] was used).
-    pub fn comm(&self) -> &Comm {
-        &self.comm
     }
 
     /// Meta-batches consumed: steps taken plus steps skipped. A training loop that draws
@@ -964,61 +751,5 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         };
         self.commit("reptile_step", batch, opt)
             .map_err(|e| name_data_cause(e, tasks))
-    }
-
-    /// Adapts to one task's support set with `steps` inner steps (which may differ from
-    /// training) and returns the query loss and accuracy (`None` for regression). `mode`
-    /// is how batch norms normalise; it is required because it changes what is measured
-    /// (see [`NormMode`]). Nothing is updated.
-    ///
-    /// # Errors
-    /// [`Error::Config`] for a task with an empty support or query
-    /// set ([`Task::validate`]) or an inner rate that is not finite;
-    /// [`Error::Task`] (index 0) if the task does not fit the model
-    /// (a label out of range, inputs of the wrong shape);
-    /// [`Error::NonFinite`] if the loss is not finite.
-    pub fn evaluate_task(
-        &self,
-        task: &Task<F>,
-        steps: usize,
-        mode: NormMode,
-    ) -> Result<(f64, Option<f64>)> {
-        task.validate()?;
-        self.config.validate()?;
-        self.check_outputs(std::slice::from_ref(task))?;
-        let (loss, acc) = map_tasks(1, 1, |_| self.evaluate_unchecked(task, steps, mode))?
-            .pop()
-            .expect("one task");
-        if !loss.is_finite() {
-            return Err(Error::NonFinite {
-                during: "evaluate",
-                step: self.meta_batches(),
-                tasks: vec![0],
-                param: None,
-                data: task.first_non_finite().map(|d| format!("task 0: {d}")),
-            });
-        }
-        Ok((loss, acc))
-    }
-
-    fn evaluate_unchecked(
-        &self,
-        task: &Task<F>,
-        steps: usize,
-        mode: NormMode,
-    ) -> (f64, Option<f64>) {
-        if let Some(imaml) = &self.config.implicit {
-            return imaml::evaluate(self, imaml, task, steps, mode);
-        }
-        let mut t = Tape::new();
-        let theta = self.params.place(&mut t);
-        let (net, rates) = theta.split_at(self.net_len);
-        let mut ctx = Ctx::new(mode).with_running(&self.norm);
-        let inner = self.inner_loop(steps, false);
-        let run = inner.episode(&mut t, net, rates, task, &last_step_only(steps), &mut ctx);
-        (
-            t.item(run.loss),
-            task.query_y.accuracy(t.value(run.query_out)),
-        )
     }
 }

@@ -1,0 +1,163 @@
+//! The configuration of meta-training: the inner rule, the order of the meta-gradient,
+//! the policy for non-finite steps, and [`MetaConfig`] that holds them. It sits below the
+//! learner and the episode loop, which both read it.
+
+use super::imaml::Imaml;
+use crate::nn::NormMode;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// How the inner loop updates the adapted parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InnerRule {
+    /// `φ ← φ − α ∇L` for every parameter (MAML, Reptile).
+    Sgd,
+    /// `φ ← φ − α ⊙ ∇L` with a learned rate per parameter element (Meta-SGD).
+    MetaSgd,
+    /// `φ ← φ − α[l, s] ∇L` with a learned rate per parameter tensor `l` and inner step
+    /// `s` (MAML++'s "per-layer per-step" rates, LSLR: one per weight and one per bias).
+    /// Checkpoints written with its former name `PerLayerPerStep` still load.
+    #[serde(alias = "PerLayerPerStep")]
+    PerTensorPerStep,
+    /// `φ ← φ − α ∇L` for the head only; the body is shared (ANIL).
+    HeadOnly,
+}
+
+/// Which meta-gradient to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Order {
+    /// Differentiate through the inner updates (exact MAML).
+    Second,
+    /// Treat the inner gradients as constants (FOMAML): the meta-gradient is the query
+    /// gradient at the adapted parameters.
+    First,
+    /// First order for the first `first_order_steps` meta-steps, then second order
+    /// (MAML++'s derivative-order annealing).
+    Annealed {
+        /// Meta-steps taken at first order.
+        first_order_steps: u64,
+    },
+}
+
+impl Order {
+    /// Whether meta-step `step` uses second order.
+    pub fn second_order_at(self, step: u64) -> bool {
+        match self {
+            Order::Second => true,
+            Order::First => false,
+            Order::Annealed { first_order_steps } => step >= first_order_steps,
+        }
+    }
+}
+
+/// Hyper-parameters of meta-training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetaConfig {
+    /// Inner SGD steps during meta-training.
+    pub inner_steps: usize,
+    /// Inner learning rate α (the initial value where it is learned).
+    pub inner_lr: f64,
+    /// The inner update rule.
+    pub rule: InnerRule,
+    /// First or second order.
+    pub order: Order,
+    /// MAML++ multi-step loss: the meta-loss weighs the query loss after every inner step,
+    /// annealing to the last step only over this many meta-steps.
+    pub multi_step_loss: Option<u64>,
+    /// How batch norms normalise during meta-training (usually [`NormMode::Train`]).
+    pub train_mode: NormMode,
+    /// At most this many tasks (or task chunks) run at once.
+    pub parallel_iterations: usize,
+    /// For models that [batch tasks](crate::nn::Model::batches_tasks): how many tasks share one tape
+    /// and run as one batched computation. Small tasks (sinusoids) are dominated by
+    /// per-op overhead, which this divides by the chunk size. `0` (the default) means
+    /// half the meta-batch, rounded up: two chunks, enough to keep two cores busy; set it
+    /// smaller to spread a meta-batch over more cores. The chunking depends only on this
+    /// number and the meta-batch size, never on the thread count, so results stay
+    /// thread-independent.
+    pub task_chunk: usize,
+    /// What a meta-step does when a task's loss or the meta-gradient is not finite
+    /// (NaN or ±∞): refuse with [`Error::NonFinite`] (the
+    /// default) or skip the step and count it. Either way, nothing non-finite ever
+    /// reaches the parameters.
+    #[serde(default)]
+    pub on_non_finite: NonFinite,
+    /// iMAML: take the implicit meta-gradient at the end point of a regularised inner
+    /// loop instead of differentiating through it (see [`imaml`](super::imaml)). `None` (the default,
+    /// and what checkpoints without the field read as): the rule's own meta-gradient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implicit: Option<Imaml>,
+}
+
+/// What [`MetaLearner::meta_step`](super::MetaLearner::meta_step) and [`MetaLearner::reptile_step`](super::MetaLearner::reptile_step) do with a step
+/// whose loss or update is not finite. In both cases the learner's parameters, running
+/// statistics, step counter and the optimiser's state stay exactly as they were.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NonFinite {
+    /// Return [`Error::NonFinite`], naming the meta-step, the
+    /// tasks and the first parameter affected.
+    #[default]
+    Error,
+    /// Skip the step, count it in [`MetaLearner::skipped_steps`](super::MetaLearner::skipped_steps), and report it in
+    /// [`StepStats::skipped`](super::StepStats::skipped) (as PyTorch's gradient scaler skips steps with
+    /// non-finite gradients in mixed precision).
+    Skip,
+}
+
+fn default_task_chunk() -> usize {
+    0
+}
+
+impl MetaConfig {
+    /// Second-order MAML with `inner_steps` SGD steps of rate `inner_lr`.
+    pub fn maml(inner_steps: usize, inner_lr: f64) -> Self {
+        MetaConfig {
+            inner_steps,
+            inner_lr,
+            rule: InnerRule::Sgd,
+            order: Order::Second,
+            multi_step_loss: None,
+            train_mode: NormMode::Train,
+            parallel_iterations: usize::MAX,
+            task_chunk: default_task_chunk(),
+            on_non_finite: NonFinite::Error,
+            implicit: None,
+        }
+    }
+
+    /// The same with another inner rule.
+    pub fn with_rule(mut self, rule: InnerRule) -> Self {
+        self.rule = rule;
+        self
+    }
+
+    /// The same with another order.
+    pub fn with_order(mut self, order: Order) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// The same with another policy for non-finite steps.
+    pub fn with_non_finite(mut self, policy: NonFinite) -> Self {
+        self.on_non_finite = policy;
+        self
+    }
+
+    /// Checks that the configuration can produce meaningful steps.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an inner learning rate that is not
+    /// finite, or iMAML settings that cannot be used ([`Imaml::validate`]).
+    pub fn validate(&self) -> Result<()> {
+        if !self.inner_lr.is_finite() {
+            return Err(Error::Config(format!(
+                "the inner learning rate is {}; it must be a finite number",
+                self.inner_lr
+            )));
+        }
+        match &self.implicit {
+            Some(imaml) => imaml.validate(self),
+            None => Ok(()),
+        }
+    }
+}

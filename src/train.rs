@@ -54,6 +54,7 @@ use crate::meta::{MetaLearner, Optimizer, StepStats, Task};
 use crate::nn::{Model, NormMode};
 use crate::{Error, Float, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -513,7 +514,7 @@ impl<F: Float> Trainer<F> {
         };
 
         let mut last = None;
-        let mut recent: Vec<StepStats> = Vec::new();
+        let mut recent: VecDeque<StepStats> = VecDeque::new();
         let tail = (self.steps.saturating_sub(first) / 10).max(1) as usize;
         let mut stopped_early = false;
         let t0 = Instant::now();
@@ -523,9 +524,9 @@ impl<F: Float> Trainer<F> {
             let stats = learner.meta_step(&tasks, opt)?;
             last = Some(stats);
             if !stats.skipped {
-                recent.push(stats);
+                recent.push_back(stats);
                 if recent.len() > tail {
-                    recent.remove(0);
+                    recent.pop_front();
                 }
             }
             let done = step + 1;
@@ -772,6 +773,14 @@ impl Shown {
                 "step {step} skipped: its loss or update was not finite"
             ));
         }
+        let due = if self.terminal {
+            self.last_draw.elapsed().as_millis() >= 200 || step == self.total
+        } else {
+            step.is_multiple_of(self.every) || step == self.total
+        };
+        if !due {
+            return;
+        }
         let n = self.window.2.max(1) as f64;
         let acc = self.window.1 / n;
         let line = format!(
@@ -787,11 +796,9 @@ impl Shown {
             self.start.elapsed().as_secs_f64()
         );
         if self.terminal {
-            if self.last_draw.elapsed().as_millis() >= 200 || step == self.total {
-                eprint!("\r\x1b[2K{line}");
-                self.last_draw = Instant::now();
-            }
-        } else if step.is_multiple_of(self.every) || step == self.total {
+            eprint!("\r\x1b[2K{line}");
+            self.last_draw = Instant::now();
+        } else {
             eprintln!("{line}");
             self.window = (0.0, 0.0, 0);
         }

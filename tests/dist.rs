@@ -3,7 +3,7 @@
 //! path as MPI; `tests/mpi.rs` runs real `mpirun` jobs with `--features mpi`).
 
 use metagrad::data::{EpisodeSampler, EpisodeSpec, ImageCollection, SinusoidSampler};
-use metagrad::dist::{Comm, Transport};
+use metagrad::dist::Comm;
 use metagrad::meta::{InnerRule, MetaConfig, MetaLearner, Optimizer, Targets, Task};
 use metagrad::nn::{Conv4, Downsample, Mlp, Model, NormKind, NormMode};
 use metagrad::Error;
@@ -11,57 +11,9 @@ use ndarray::Array3;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::fmt::Debug;
-use std::sync::{Arc, Barrier, Mutex};
 
 mod common;
-use common::state;
-
-/// `size` ranks as threads: an all-gather is "write my slot, wait, read all, wait".
-struct Threads {
-    rank: usize,
-    shared: Arc<(Barrier, Mutex<Vec<Vec<u8>>>)>,
-}
-
-impl Transport for Threads {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.shared.1.lock().unwrap().len()
-    }
-    fn all_gather(&self, mine: &[u8]) -> Vec<Vec<u8>> {
-        let (barrier, slots) = &*self.shared;
-        slots.lock().unwrap()[self.rank] = mine.to_vec();
-        barrier.wait();
-        let all = slots.lock().unwrap().clone();
-        barrier.wait();
-        all
-    }
-    fn abort(&self, code: i32) -> ! {
-        panic!("aborted with {code}")
-    }
-    fn name(&self) -> &'static str {
-        "threads"
-    }
-}
-
-/// Runs `job` on `size` thread-ranks and returns each rank's result.
-fn on_ranks<T: Send>(size: usize, job: impl Fn(Comm) -> T + Sync) -> Vec<T> {
-    let shared = Arc::new((Barrier::new(size), Mutex::new(vec![Vec::new(); size])));
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..size)
-            .map(|rank| {
-                let t = Threads {
-                    rank,
-                    shared: shared.clone(),
-                };
-                let job = &job;
-                s.spawn(move || job(Comm::new(Arc::new(t))))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
+use common::{on_ranks, state};
 
 fn small_conv() -> Conv4 {
     Conv4 {

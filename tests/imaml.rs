@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::state;
+use common::{on_ranks, state};
 use metagrad::checkpoint::Checkpoint;
 use metagrad::data::{rng_from_seed, EpisodeSampler, EpisodeSpec, ImageCollection};
-use metagrad::dist::{Comm, Transport};
+use metagrad::dist::Comm;
 use metagrad::map_fn::with_threads;
 use metagrad::meta::{
     Imaml, InnerRule, MetaConfig, MetaLearner, NonFinite, Optimizer, Order, Targets, Task,
@@ -19,7 +19,6 @@ use ndarray::{Array2, Array3, ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
-use std::sync::{Arc, Barrier, Mutex};
 
 fn uniform(rng: &mut ChaCha8Rng, shape: &[usize]) -> ArrayD<f64> {
     ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.gen_range(-1.0..1.0))
@@ -591,36 +590,6 @@ fn checkpoints_keep_the_implicit_configuration() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `size` ranks as threads of this process, joined by an in-memory all-gather (the
-/// `Comm` code path MPI takes; as in `tests/dist.rs`).
-struct Threads {
-    rank: usize,
-    shared: Arc<(Barrier, Mutex<Vec<Vec<u8>>>)>,
-}
-
-impl Transport for Threads {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.shared.1.lock().unwrap().len()
-    }
-    fn all_gather(&self, mine: &[u8]) -> Vec<Vec<u8>> {
-        let (barrier, slots) = &*self.shared;
-        slots.lock().unwrap()[self.rank] = mine.to_vec();
-        barrier.wait();
-        let all = slots.lock().unwrap().clone();
-        barrier.wait();
-        all
-    }
-    fn abort(&self, code: i32) -> ! {
-        panic!("aborted with {code}")
-    }
-    fn name(&self) -> &'static str {
-        "threads"
-    }
-}
-
 /// Every rank of a 3-rank job ends bitwise as one process, with the same CG report.
 #[test]
 fn ranks_end_bitwise_equal_to_one_process() {
@@ -638,21 +607,7 @@ fn ranks_end_bitwise_equal_to_one_process() {
         (format!("{:?}", state(&l, &opt)), cg)
     };
     let one = train(Comm::local());
-    let size = 3;
-    let shared = Arc::new((Barrier::new(size), Mutex::new(vec![Vec::new(); size])));
-    let ranks: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..size)
-            .map(|rank| {
-                let t = Threads {
-                    rank,
-                    shared: shared.clone(),
-                };
-                let train = &train;
-                s.spawn(move || train(Comm::new(Arc::new(t))))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let ranks = on_ranks(3, train);
     for r in ranks {
         assert_eq!(r, one);
     }

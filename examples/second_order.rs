@@ -162,7 +162,7 @@ fn part2(rng: &mut ChaCha8Rng) -> Result<serde_json::Value, Box<dyn Error>> {
     let directions = 5usize;
     let batch = SinusoidSampler::new(10, 10, 3)?.sample_batch(1)?;
     let task = Task::<f64>::from_sinusoid(&batch).remove(0);
-    let model = Mlp { sizes };
+    let model = Mlp::new(sizes);
     let second =
         MetaLearner::<f64, _>::new(model.clone(), MetaConfig::maml(inner_steps, inner_lr), 1);
     let first = MetaLearner::<f64, _>::new(

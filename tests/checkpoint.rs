@@ -298,9 +298,7 @@ fn a_different_model_is_refused_with_the_parameter_named() {
     Checkpoint::capture(&learner, &opt, &rng)
         .save(&path)
         .unwrap();
-    let small = Mlp {
-        sizes: vec![1, 20, 1],
-    };
+    let small = Mlp::new(vec![1, 20, 1]);
     let mut other = MetaLearner::<f32, _>::new(small, MetaConfig::maml(1, 0.01), 0);
     let before = other.params.clone();
     let err = Checkpoint::<f32>::load(&path)
@@ -673,13 +671,8 @@ fn skipped_steps_round_trip() {
     assert_eq!(fresh.step, 2);
 
     // A refused restore leaves the count alone, too.
-    let mut other = MetaLearner::<f32, _>::new(
-        Mlp {
-            sizes: vec![1, 3, 1],
-        },
-        MetaConfig::maml(1, 0.01),
-        0,
-    );
+    let mut other =
+        MetaLearner::<f32, _>::new(Mlp::new(vec![1, 3, 1]), MetaConfig::maml(1, 0.01), 0);
     other.skipped_steps = 9;
     assert!(Checkpoint::<f32>::load(&path)
         .unwrap()
@@ -698,9 +691,7 @@ fn v1_fixture() -> PathBuf {
 /// The state stored in `tests/fixtures/checkpoint-v1.json`: a tiny MLP after two
 /// second-order MAML meta-steps with Adam on sinusoid tasks.
 fn v1_fixture_state() -> (MetaLearner<f32, Mlp>, Optimizer<f32>, SamplerRng) {
-    let model = Mlp {
-        sizes: vec![1, 4, 1],
-    };
+    let model = Mlp::new(vec![1, 4, 1]);
     let mut learner = MetaLearner::<f32, _>::new(model, MetaConfig::maml(1, 0.01), 5);
     let mut opt = Optimizer::adam(1e-3);
     let mut rng = rng_from_seed(6);
@@ -799,9 +790,7 @@ fn v1_fixture_loads_and_resumes() {
     }
 
     // Into a matching learner (initialised differently, with a stale skip count).
-    let model = Mlp {
-        sizes: vec![1, 4, 1],
-    };
+    let model = Mlp::new(vec![1, 4, 1]);
     let mut learner = MetaLearner::<f32, _>::new(model, MetaConfig::maml(1, 0.01), 99);
     learner.skipped_steps = 4;
     let saved_params = checkpoint.params.clone();

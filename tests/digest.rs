@@ -7,10 +7,7 @@ use ndarray::{ArrayD, IxDyn};
 use std::collections::HashSet;
 
 fn small() -> Params<f32> {
-    Mlp {
-        sizes: vec![3, 5, 2],
-    }
-    .init(7)
+    Mlp::new(vec![3, 5, 2]).init(7)
 }
 
 /// Rebuilds `p` with `f` applied to its (name, tensor) pairs in order.

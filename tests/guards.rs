@@ -285,13 +285,7 @@ fn degenerate_requests_are_refused_before_any_state_changes() {
     let mut p = l.params.clone();
     poison(&mut p.tensors_mut()[1], 0, f32::NAN);
     assert!(matches!(l.set_params(p), Err(Error::Config(m)) if m.contains("l0.b")));
-    let other = MetaLearner::<f32, _>::new(
-        Mlp {
-            sizes: vec![1, 3, 1],
-        },
-        MetaConfig::maml(1, 0.01),
-        0,
-    );
+    let other = MetaLearner::<f32, _>::new(Mlp::new(vec![1, 3, 1]), MetaConfig::maml(1, 0.01), 0);
     assert!(matches!(l.set_params(other.params), Err(Error::Config(_))));
     assert!(before == state(&l, &opt));
 }

@@ -124,7 +124,7 @@ fn mse_gradient(z: &Array2<f64>, y: &[f64], phi: &[f64]) -> Vec<f64> {
 fn closed_form_linear_regression() {
     let (d, lambda) = (3, 0.5);
     let task = regression_task(d, 6, 8, 1);
-    let model = Mlp { sizes: vec![d, 1] };
+    let model = Mlp::new(vec![d, 1]);
     let config = MetaConfig::imaml(1500, 0.1, lambda, 20)
         .implicit(Imaml::new(lambda, 20).with_tolerance(1e-14));
     let learner = MetaLearner::<f64, _>::new(model, config, 3);
@@ -224,7 +224,7 @@ fn unrolled<M: Model<f64>>(
 fn unrolled_maml_converges_to_implicit() {
     let (lr, lambda) = (0.3, 1.0);
     let task = classification_task(4, 3, 9, 12, 2);
-    let model = Mlp { sizes: vec![4, 3] };
+    let model = Mlp::new(vec![4, 3]);
     let config = MetaConfig::imaml(400, lr, lambda, 40)
         .implicit(Imaml::new(lambda, 40).with_tolerance(1e-13));
     let learner = MetaLearner::<f64, _>::new(model.clone(), config, 5);
@@ -377,13 +377,7 @@ fn thread_count_does_not_change_the_bits() {
                 cg.push(stats.cg.unwrap());
             }
             let config = MetaConfig::imaml(3, 0.05, 1.0, 4);
-            let mut m = MetaLearner::<f32, _>::new(
-                Mlp {
-                    sizes: vec![2, 8, 1],
-                },
-                config,
-                1,
-            );
+            let mut m = MetaLearner::<f32, _>::new(Mlp::new(vec![2, 8, 1]), config, 1);
             let mut opt2 = Optimizer::adam(1e-2);
             let tasks: Vec<Task<f32>> = (0..5)
                 .map(|i| {
@@ -419,9 +413,7 @@ fn thread_count_does_not_change_the_bits() {
 fn non_finite_tasks_follow_the_policy() {
     let mut tasks: Vec<Task<f64>> = (0..3).map(|i| regression_task(2, 4, 5, i)).collect();
     tasks[1].support_x[[0, 0]] = f64::NAN;
-    let model = Mlp {
-        sizes: vec![2, 4, 1],
-    };
+    let model = Mlp::new(vec![2, 4, 1]);
     let mut l = MetaLearner::<f64, _>::new(model.clone(), MetaConfig::imaml(4, 0.1, 2.0, 3), 0);
     let mut opt = Optimizer::adam(1e-2);
     let before = format!("{:?}", state(&l, &opt));
@@ -490,9 +482,7 @@ fn unconverged_cg_follows_the_policy() {
 #[test]
 fn refuses_what_imaml_does_not_define() {
     let tasks = vec![regression_task(2, 4, 5, 0)];
-    let model = Mlp {
-        sizes: vec![2, 4, 1],
-    };
+    let model = Mlp::new(vec![2, 4, 1]);
     let base = MetaConfig::imaml(3, 0.1, 2.0, 3);
     let mut multi = base.clone();
     multi.multi_step_loss = Some(10);
@@ -529,7 +519,7 @@ fn refuses_what_imaml_does_not_define() {
 #[test]
 fn first_order_is_the_query_gradient_at_the_solution() {
     let task = regression_task(3, 6, 8, 4);
-    let model = Mlp { sizes: vec![3, 1] };
+    let model = Mlp::new(vec![3, 1]);
     let config = MetaConfig::imaml(50, 0.1, 1.0, 5).with_order(Order::First);
     let l = MetaLearner::<f64, _>::new(model, config, 0);
     let (g, stats, _) = l.meta_gradient(std::slice::from_ref(&task)).unwrap();
@@ -552,9 +542,7 @@ fn checkpoints_keep_the_implicit_configuration() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("checkpoint.json");
     let tasks: Vec<Task<f64>> = (0..2).map(|i| regression_task(2, 4, 5, i)).collect();
-    let model = Mlp {
-        sizes: vec![2, 4, 1],
-    };
+    let model = Mlp::new(vec![2, 4, 1]);
     let imaml = Imaml::new(1.5, 4).with_damping(0.25).with_tolerance(0.5);
     let config = MetaConfig::imaml(3, 0.1, 1.5, 4).implicit(imaml);
     let mut l = MetaLearner::<f64, _>::new(model.clone(), config.clone(), 0);

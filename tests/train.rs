@@ -18,13 +18,7 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn learner() -> MetaLearner<f32, Mlp> {
-    MetaLearner::new(
-        Mlp {
-            sizes: vec![1, 16, 1],
-        },
-        MetaConfig::maml(1, 0.01),
-        0,
-    )
+    MetaLearner::new(Mlp::new(vec![1, 16, 1]), MetaConfig::maml(1, 0.01), 0)
 }
 
 fn validation() -> Vec<Task<f32>> {
@@ -114,13 +108,7 @@ fn a_killed_run_resumes_bit_for_bit_with_its_history() {
         .any(|r| r.starts_with("step,6,")));
 
     // Resumed: another learner and optimiser (the checkpoint sets them), a fresh source.
-    let mut resumed = MetaLearner::new(
-        Mlp {
-            sizes: vec![1, 16, 1],
-        },
-        MetaConfig::maml(3, 0.5),
-        7,
-    );
+    let mut resumed = MetaLearner::new(Mlp::new(vec![1, 16, 1]), MetaConfig::maml(3, 0.5), 7);
     let mut opt2 = Optimizer::adam(5.0);
     let mut tasks2 = SinusoidSampler::new(5, 5, 12345).unwrap();
     let got = trainer(10, &killed)

@@ -13,7 +13,7 @@ use crate::{Float, Tape, Var};
 /// use metagrad::ndarray::{ArrayD, IxDyn};
 /// use metagrad::nn::{Ctx, Mlp, Model, NormMode};
 /// use metagrad::Tape;
-/// let model = Mlp { sizes: vec![1, 8, 1] };
+/// let model = Mlp::new(vec![1, 8, 1]);
 /// let mut t = Tape::<f64>::new();
 /// let p = model.init(0).place(&mut t);
 /// let x = t.constant(ArrayD::from_elem(IxDyn(&[4, 1]), 0.5));

@@ -373,6 +373,7 @@ fn query<F: Float, M: Model<F> + ?Sized>(
 fn run_task<F: Float, M: Model<F>>(
     learner: &MetaLearner<F, M>,
     task: &Task<F>,
+    index: usize,
     imaml: &Imaml,
     second_order: bool,
 ) -> GroupResult<F> {
@@ -382,7 +383,7 @@ fn run_task<F: Float, M: Model<F>>(
     let net_len = learner.net_len;
     let adapted = adapted_indices(model, config.rule, net_len);
     let fixed: Vec<usize> = (0..net_len).filter(|i| !adapted.contains(i)).collect();
-    let mut ctx = Ctx::new(config.train_mode).with_running(&learner.norm);
+    let mut ctx = learner.train_ctx(index);
     let steps = config.inner_steps;
     let phi = solve_inner(
         model,
@@ -517,14 +518,15 @@ fn run_task<F: Float, M: Model<F>>(
 pub(super) fn run_group<F: Float, M: Model<F>>(
     learner: &MetaLearner<F, M>,
     group: &[Task<F>],
+    first: usize,
     imaml: &Imaml,
     second_order: bool,
 ) -> GroupResult<F> {
-    let mut tasks = group.iter();
-    let first = tasks.next().expect("a group holds at least one task");
-    let mut sum = run_task(learner, first, imaml, second_order);
-    for task in tasks {
-        let r = run_task(learner, task, imaml, second_order);
+    let mut tasks = group.iter().enumerate();
+    let (_, task) = tasks.next().expect("a group holds at least one task");
+    let mut sum = run_task(learner, task, first, imaml, second_order);
+    for (k, task) in tasks {
+        let r = run_task(learner, task, first + k, imaml, second_order);
         for (s, g) in sum.result.iter_mut().zip(&r.result) {
             Zip::from(s).and(g).for_each(|s, &g| *s += g);
         }

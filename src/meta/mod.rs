@@ -30,6 +30,7 @@
 //! assert!(loss.is_finite());
 //! ```
 
+mod adapt;
 mod config;
 mod episode;
 mod evaluate;
@@ -38,6 +39,7 @@ mod optim;
 mod ranks;
 mod task;
 
+pub use adapt::Adapted;
 pub use config::{InnerRule, MetaConfig, NonFinite, Order};
 pub use episode::{adapted_indices, last_step_only, EpisodeRun, InnerLoop};
 pub use imaml::{CgStats, Imaml};
@@ -46,7 +48,7 @@ pub use task::{Targets, Task};
 
 use crate::dist::{get_array, get_vec, put_array, put_vec, Comm, Wire};
 use crate::map_fn::{accumulate_in_order, map_tasks};
-use crate::nn::{Ctx, Model, NormState, Observed, Params};
+use crate::nn::{Ctx, Model, NormMode, NormState, Observed, Params};
 use crate::{Error, Float, Result, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
 use std::fmt::Debug;
@@ -401,16 +403,25 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         Ok(())
     }
 
+    /// The context of meta-training task `index` of this step: the training norm mode,
+    /// the running statistics, and the key of the task's dropout masks (from the step
+    /// and the index, never from the thread that runs it).
+    pub(crate) fn train_ctx(&self, index: usize) -> Ctx<'_, F> {
+        let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
+        ctx.noise = Some(crate::nn::net::mix(&[self.step, index as u64]));
+        ctx
+    }
+
     /// Runs one group of tasks on one tape (a single task, or a chunk of regression
     /// tasks batched as one computation): the gradient of the sum of their meta-losses,
     /// that sum, the accuracy (single tasks), and the statistics observed.
-    fn run_group(&self, group: &[Task<F>], second_order: bool) -> GroupResult<F> {
+    fn run_group(&self, group: &[Task<F>], first: usize, second_order: bool) -> GroupResult<F> {
         if let Some(imaml) = &self.config.implicit {
-            return imaml::run_group(self, group, imaml, second_order);
+            return imaml::run_group(self, group, first, imaml, second_order);
         }
         let mut t = Tape::new();
         let theta = self.params.place(&mut t);
-        let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
+        let mut ctx = self.train_ctx(first);
         let inner = self.inner_loop(self.config.inner_steps, second_order);
         let weights = self.step_weights();
         let (net, rates) = theta.split_at(self.net_len);
@@ -460,7 +471,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let per_group = self
             .comm
             .map(groups.len(), self.config.parallel_iterations, |i| {
-                self.run_group(groups[i], second_order)
+                self.run_group(groups[i], i * chunk, second_order)
             })?;
         // A chunk that is not finite is rerun task by task to name the culprits (only on
         // this failure path).
@@ -480,7 +491,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 .take(groups[i].len())
             {
                 let one = std::slice::from_ref(task);
-                let r = map_tasks(1, 1, |_| self.run_group(one, second_order))
+                let r = map_tasks(1, 1, |_| self.run_group(one, k, second_order))
                     .map_err(|e| reindex(e, k))?;
                 if !r[0].finite {
                     bad.push(k);
@@ -494,6 +505,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             .iter()
             .map(|p| ArrayD::zeros(p.raw_dim()));
         let b = Self::reduce(zeros.collect(), per_group, n, F::one());
+        self.check_filed(&b.observed)?;
         let inv = F::c(1.0 / n as f64);
         let mut update = b.sums;
         update.iter_mut().for_each(|g| g.mapv_inplace(|v| v * inv));
@@ -506,6 +518,23 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             observed: b.observed,
             bad_tasks: bad,
         })
+    }
+
+    /// Refuses a step of a model that declares batch norms but filed no statistics in
+    /// [`NormMode::Train`]: its running statistics would stay empty, and inductive
+    /// evaluation would later fail for a reason that is not the real one.
+    fn check_filed(&self, observed: &[Observed<F>]) -> Result<()> {
+        let channels = self.model.batch_norm_channels();
+        if self.config.train_mode == NormMode::Train && observed.is_empty() && !channels.is_empty()
+        {
+            return Err(Error::Config(format!(
+                "the model declares {} batch norms (Model::batch_norm_channels: {channels:?}) \
+                 but its forward pass filed no statistics in NormMode::Train; file them with \
+                 Ctx::batch_norm (or push an Observed for each batch norm into ctx.observed)",
+                channels.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Folds per-group results in task order into `sums` (`sum += scale · result`, the
@@ -706,7 +735,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
                 let mut t = Tape::new();
                 let theta = self.params.place(&mut t);
                 let net = &theta[..self.net_len];
-                let mut ctx = Ctx::new(self.config.train_mode).with_running(&self.norm);
+                let mut ctx = self.train_ctx(i);
                 let inner = InnerLoop {
                     rule: InnerRule::Sgd,
                     ..self.inner_loop(steps, false)

@@ -1,5 +1,6 @@
-//! Networks as functions of explicit parameters: [`Params`], layers, normalisation with
-//! an explicit mode, and the ready-made [`Mlp`] and [`Conv4`].
+//! Networks as functions of explicit parameters: [`Params`], layers composed into a
+//! [`Net`], normalisation with an explicit mode, and the ready-made [`Mlp`], [`Conv4`],
+//! [`Conv6`] and [`ResNet12`].
 //!
 //! ```
 //! use metagrad::nn::{Conv4, Ctx, Model, NormKind, NormMode, Params};
@@ -22,9 +23,11 @@
 pub mod init;
 pub mod layers;
 pub mod models;
+pub mod net;
 pub mod norm;
 pub(crate) mod params;
 
-pub use models::{Conv4, Downsample, Mlp, Model, NormKind};
-pub use norm::{Ctx, NormMode, NormState, Observed, RunningStats};
+pub use models::{Conv4, Conv6, Downsample, Mlp, Model, ResNet12};
+pub use net::{Layer, LinearInit, Net, Seq};
+pub use norm::{Affine, Ctx, NormKind, NormMode, NormState, Observed, RunningStats};
 pub use params::Params;

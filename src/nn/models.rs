@@ -1,16 +1,13 @@
-//! Ready networks: the sinusoid MLP and Conv-4, and the [`Model`] trait they share.
+//! The [`Model`] trait, and the ready networks built as [`Net`] compositions: the
+//! sinusoid [`Mlp`], [`Conv4`], [`Conv6`] and [`ResNet12`].
 
-use super::init::{normal, uniform};
-use super::layers::{conv2d, flatten, linear};
-use super::norm::{
-    batch_norm, batch_norm_relu_max_pool2d, group_norm, task_norm, Affine, Ctx, Observed,
-};
+use super::net::{Layer, LinearInit, Net, Seq};
+use super::norm::Ctx;
+pub use super::norm::NormKind;
 use super::Params;
 use crate::{Float, Tape, Var};
-use ndarray::{ArrayD, IxDyn};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// A network as a function of explicit parameters: what the meta-learners adapt.
 ///
@@ -23,9 +20,11 @@ use serde::{Deserialize, Serialize};
 /// - **`ctx.mode`**: pass it to every batch norm ([`batch_norm`] takes it); it decides between the batch's statistics and the running ones. Layers
 ///   without running statistics (group, layer, instance norm) ignore it.
 /// - **`ctx.observed`**: in [`NormMode::Train`](super::NormMode), push the batch
-///   statistics each batch norm used, in layer order ([`Observed`], with `layer` as in
-///   [`Model::batch_norm_channels`] and `step` = `ctx.step` for per-step statistics). The
-///   learner folds them into its running statistics after a successful step.
+///   statistics each batch norm used, in layer order ([`Observed`](super::Observed), with
+///   `layer` as in [`Model::batch_norm_channels`] and `step` = `ctx.step` for per-step
+///   statistics). The learner folds them into its running statistics after a successful
+///   step, and refuses a step in which a model that declares batch norms filed none.
+///   [`Ctx::batch_norm`] does all of this, and the two items below, in one call.
 /// - **`ctx.step`**: the inner step being run (0-based); select per-step weights or
 ///   statistics with it when [`Model::norm_steps`] is above 1.
 /// - **`ctx.running`**: the learner's running statistics; read them in inductive mode.
@@ -33,7 +32,8 @@ use serde::{Deserialize, Serialize};
 ///   [`Model::needs_context`] is true (TaskNorm): when recording, store each norm's
 ///   context statistics in `ctx.context[layer]`; otherwise read them from there.
 ///
-/// A model without normalisation can ignore `ctx` entirely:
+/// Networks composed from layers ([`Net`]) do all of it themselves. A hand-written
+/// model without normalisation can ignore `ctx` entirely:
 ///
 /// ```
 /// use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Task};
@@ -134,92 +134,74 @@ pub trait Model<F: Float>: Send + Sync {
 
 /// A multi-layer perceptron with ReLU between layers; `sizes = [1, 40, 40, 1]` is the
 /// sinusoid network of the MAML paper. Parameters `l{i}.w: [out, in]`, `l{i}.b: [out]`,
-/// initialised uniform in ±1/√in as PyTorch does.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// initialised uniform in ±1/√in as PyTorch does; with a `norm`, each hidden layer is
+/// followed by it (parameters `n{i}.gamma`, `n{i}.beta`) before the ReLU.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Mlp {
     /// Layer widths, input first.
     pub sizes: Vec<usize>,
+    /// The normalisation after each hidden layer: [`NormKind::None`] or
+    /// [`NormKind::Batch`] (the others normalise feature maps).
+    #[serde(default = "no_norm")]
+    pub norm: NormKind,
+}
+
+fn no_norm() -> NormKind {
+    NormKind::None
 }
 
 impl Mlp {
+    /// An MLP with these layer widths (input first) and no normalisation.
+    pub fn new(sizes: Vec<usize>) -> Self {
+        Mlp {
+            sizes,
+            norm: NormKind::None,
+        }
+    }
+
     /// The sinusoid network 1-40-40-1.
     pub fn sinusoid() -> Self {
-        Mlp {
-            sizes: vec![1, 40, 40, 1],
-        }
-    }
-}
-
-impl<F: Float> Model<F> for Mlp {
-    fn init(&self, seed: u64) -> Params<F> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut p = Params::new();
-        for (i, w) in self.sizes.windows(2).enumerate() {
-            let bound = 1.0 / (w[0] as f64).sqrt();
-            p.push(format!("l{i}.w"), uniform(&mut rng, &[w[1], w[0]], bound));
-            p.push(format!("l{i}.b"), uniform(&mut rng, &[w[1]], bound));
-        }
-        p
+        Mlp::new(vec![1, 40, 40, 1])
     }
 
-    fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, _ctx: &mut Ctx<'_, F>) -> Var {
+    /// The composition.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) for fewer than two sizes, a zero width or
+    /// a norm that does not apply to vectors.
+    pub fn net(&self) -> crate::Result<Net> {
+        if self.sizes.len() < 2 {
+            return Err(crate::Error::Config(format!(
+                "metagrad::Mlp: sizes {:?} need an input and an output width",
+                self.sizes
+            )));
+        }
         let layers = self.sizes.len() - 1;
-        let batched = t.shape(x).len() == 3;
-        let mut h = x;
-        for i in 0..layers {
-            h = if batched {
-                // A stack of tasks: x [T, N, in], w [T, out, in], b [T, out].
-                let y = t.matmul_t(h, p[2 * i], false, true);
-                let s = t.shape(p[2 * i + 1]).to_vec();
-                let b = t.reshape(p[2 * i + 1], &[s[0], 1, s[1]]);
-                t.add(y, b)
-            } else {
-                linear(t, h, p[2 * i], p[2 * i + 1])
-            };
+        let mut seq = Seq::new();
+        for (i, &out) in self.sizes[1..].iter().enumerate() {
+            seq = seq.linear(format!("l{i}"), out);
             if i + 1 < layers {
-                h = t.relu(h);
+                if self.norm != NormKind::None {
+                    seq = seq.norm(format!("n{i}"), self.norm);
+                }
+                seq = seq.relu();
             }
         }
-        h
-    }
-
-    fn head(&self) -> Vec<usize> {
-        let n = 2 * (self.sizes.len() - 1);
-        vec![n - 2, n - 1]
-    }
-
-    fn batches_tasks(&self) -> bool {
-        true
-    }
-
-    fn outputs(&self) -> Option<usize> {
-        self.sizes.last().copied()
+        Ok(Net::new(&self.sizes[..1], seq)?.with_label(format!("{self:?}")))
     }
 }
 
-/// The normalisation in each Conv-4 block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum NormKind {
-    /// No normalisation.
-    None,
-    /// Batch norm; the mode comes with every forward call. `per_step = Some(k)` keeps
-    /// separate running statistics and affine weights for each of `k` inner steps (MAML++
-    /// BNRS + BNWB; use inner steps + 1 so the query pass has its own set).
-    Batch {
-        /// Number of per-step sets, or `None` for one shared set.
-        per_step: Option<usize>,
-    },
-    /// Group norm with this many groups (mode-independent).
-    Group {
-        /// Number of channel groups.
-        groups: usize,
-    },
-    /// Layer norm: group norm with one group (mode-independent).
-    Layer,
-    /// Instance norm: group norm with one group per channel (mode-independent).
-    Instance,
-    /// TaskNorm-I: support-set statistics blended with instance statistics.
-    TaskNorm,
+/// `Mlp { sizes: [..] }`, with the norm only when there is one: checkpoints describe a
+/// model by this form, and those saved before the norm existed still fit.
+impl fmt::Debug for Mlp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Mlp");
+        d.field("sizes", &self.sizes);
+        if self.norm != NormKind::None {
+            d.field("norm", &self.norm);
+        }
+        d.finish()
+    }
 }
 
 /// How Conv-4 shrinks its feature maps.
@@ -232,19 +214,19 @@ pub enum Downsample {
     Strided,
 }
 
-/// Conv-4: four blocks of 3×3 conv → norm → ReLU (→ 2×2 max-pool; ReLU and pool are
-/// computed together by [`Tape::relu_max_pool2d`], and with batch statistics the norm
-/// too, by [`Tape::batch_norm_relu_max_pool2d`]), then a linear head of
-/// `ways` outputs. Parameters per block `b{i}.conv.w`, `b{i}.conv.b`, then the norm's
-/// (`b{i}.norm.gamma`, `b{i}.norm.beta`, per step with a `.s{k}` suffix; TaskNorm adds
-/// `b{i}.norm.scale`, `b{i}.norm.offset`); then `head.w: [ways, features]`, `head.b`.
+/// Conv-4: four blocks of 3×3 conv → norm → ReLU (→ 2×2 max-pool), then a linear head
+/// of `ways` outputs, for any input size and channel count. Parameters per block
+/// `b{i}.conv.w`, `b{i}.conv.b`, then the norm's (`b{i}.norm.gamma`, `b{i}.norm.beta`,
+/// per step with a `.s{k}` suffix; TaskNorm adds `b{i}.norm.scale`, `b{i}.norm.offset`);
+/// then `head.w: [ways, features]`, `head.b`. (Batch norm, ReLU and pooling run as one
+/// fused op, [`Tape::batch_norm_relu_max_pool2d`].)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conv4 {
-    /// Input channels (1 for Omniglot).
+    /// Input channels (1 for Omniglot, 3 for colour images).
     pub in_channels: usize,
     /// Input height and width.
     pub image_size: usize,
-    /// Filters per convolution (64 in MAML).
+    /// Filters per convolution (64 in MAML's Omniglot network, 32 in its miniImageNet one).
     pub filters: usize,
     /// Output classes.
     pub ways: usize,
@@ -271,202 +253,287 @@ impl Conv4 {
         }
     }
 
-    fn norm_param_count(&self) -> usize {
-        match self.norm {
-            NormKind::None => 0,
-            NormKind::Batch { per_step } => 2 * per_step.unwrap_or(1),
-            NormKind::Group { .. } | NormKind::Layer | NormKind::Instance => 2,
-            NormKind::TaskNorm => 4,
+    /// The MAML miniImageNet network for `ways` classes: 84×84 RGB inputs, 32 filters,
+    /// batch norm, max-pooling (84→42→21→10→5, 800 features).
+    pub fn mini_imagenet(ways: usize) -> Self {
+        Conv4 {
+            in_channels: 3,
+            image_size: 84,
+            filters: 32,
+            ..Conv4::omniglot(ways)
         }
-    }
-
-    fn block_params(&self) -> usize {
-        2 + self.norm_param_count()
     }
 
     /// The head's input width.
+    ///
+    /// # Panics
+    /// If the input is too small for the blocks (see [`Conv4::net`]).
     pub fn features(&self) -> usize {
-        match self.downsample {
-            Downsample::Strided => self.filters,
-            Downsample::MaxPool => {
-                let mut s = self.image_size;
-                for _ in 0..4 {
-                    s /= 2;
-                }
-                self.filters * s.max(1) * s.max(1)
-            }
+        match self.net() {
+            Ok(net) => net.plan_features(),
+            Err(e) => panic!("{e}"),
         }
+    }
+
+    /// The composition.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) when the image is too small for four
+    /// blocks (with max-pooling, 16×16 is the least), or the norm does not fit the
+    /// filters (groups that do not divide them).
+    pub fn net(&self) -> crate::Result<Net> {
+        conv_net(
+            &format!("{self:?}"),
+            [self.in_channels, self.image_size, self.filters, self.ways],
+            self.norm,
+            self.eps,
+            4,
+            self.downsample,
+        )
     }
 }
 
-impl<F: Float> Model<F> for Conv4 {
-    fn init(&self, seed: u64) -> Params<F> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut p = Params::new();
-        let mut cin = self.in_channels;
-        let f = self.filters;
-        let ones = || ArrayD::from_elem(IxDyn(&[f]), F::one());
-        let zeros = || ArrayD::zeros(IxDyn(&[f]));
-        for b in 0..4 {
-            let std = (2.0 / (cin * 9) as f64).sqrt();
-            p.push(
-                format!("b{b}.conv.w"),
-                normal(&mut rng, &[f, cin, 3, 3], std),
-            );
-            p.push(format!("b{b}.conv.b"), zeros());
-            match self.norm {
-                NormKind::None => {}
-                NormKind::Batch { per_step: Some(k) } => {
-                    for s in 0..k {
-                        p.push(format!("b{b}.norm.gamma.s{s}"), ones());
-                        p.push(format!("b{b}.norm.beta.s{s}"), zeros());
-                    }
-                }
-                NormKind::Batch { per_step: None }
-                | NormKind::Group { .. }
-                | NormKind::Layer
-                | NormKind::Instance => {
-                    p.push(format!("b{b}.norm.gamma"), ones());
-                    p.push(format!("b{b}.norm.beta"), zeros());
-                }
-                NormKind::TaskNorm => {
-                    p.push(format!("b{b}.norm.gamma"), ones());
-                    p.push(format!("b{b}.norm.beta"), zeros());
-                    p.push(format!("b{b}.norm.scale"), ArrayD::zeros(IxDyn(&[])));
-                    p.push(format!("b{b}.norm.offset"), ArrayD::zeros(IxDyn(&[])));
-                }
-            }
-            cin = f;
-        }
-        let feat = self.features();
-        p.push(
-            "head.w",
-            normal(&mut rng, &[self.ways, feat], (1.0 / feat as f64).sqrt()),
+/// Conv-6: Conv-4 with two more blocks of 3×3 conv → norm → ReLU, without pooling, as
+/// in CloserLookFewShot; parameters named as [`Conv4`]'s (`b4.*`, `b5.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conv6 {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Input height and width.
+    pub image_size: usize,
+    /// Filters per convolution.
+    pub filters: usize,
+    /// Output classes.
+    pub ways: usize,
+    /// Normalisation in each block.
+    pub norm: NormKind,
+    /// Added to variances before the square root.
+    pub eps: f64,
+}
+
+impl Conv6 {
+    /// The composition.
+    ///
+    /// # Errors
+    /// As [`Conv4::net`].
+    pub fn net(&self) -> crate::Result<Net> {
+        conv_net(
+            &format!("{self:?}"),
+            [self.in_channels, self.image_size, self.filters, self.ways],
+            self.norm,
+            self.eps,
+            6,
+            Downsample::MaxPool,
+        )
+    }
+}
+
+/// `blocks` conv blocks (the first four pooled or strided), then the head.
+fn conv_net(
+    label: &str,
+    [channels, size, filters, ways]: [usize; 4],
+    norm: NormKind,
+    eps: f64,
+    blocks: usize,
+    downsample: Downsample,
+) -> crate::Result<Net> {
+    let mut seq = Seq::new();
+    for b in 0..blocks {
+        let shrinks = b < 4;
+        let stride = if shrinks && downsample == Downsample::Strided {
+            2
+        } else {
+            1
+        };
+        let mut block = Seq::new().push(
+            "conv",
+            Layer::Conv {
+                out: filters,
+                kernel: 3,
+                stride,
+                pad: 1,
+                bias: true,
+            },
         );
-        p.push("head.b", ArrayD::zeros(IxDyn(&[self.ways])));
-        p
+        if norm != NormKind::None {
+            block = block.push("norm", Layer::Norm { kind: norm, eps });
+        }
+        block = block.relu();
+        if shrinks && downsample == Downsample::MaxPool {
+            block = block.max_pool(2);
+        }
+        seq = seq.block(format!("b{b}"), block);
+    }
+    seq = match downsample {
+        Downsample::MaxPool => seq.flatten(),
+        Downsample::Strided => seq.global_avg_pool(),
+    };
+    let seq = seq.push(
+        "head",
+        Layer::Linear {
+            out: ways,
+            init: LinearInit::Normal,
+        },
+    );
+    Ok(Net::new(&[channels, size, size], seq)
+        .map_err(|e| crate::Error::Config(format!("{label}: {e}")))?
+        .with_label(label))
+}
+
+/// ResNet-12 as MetaOptNet defines it (Lee et al., 2019): four residual blocks of widths
+/// `widths` (64-160-320-640), each three 3×3 convolutions without bias, each followed by
+/// batch norm, with LeakyReLU(0.1) after the first two; a 1×1 convolution with batch
+/// norm as the shortcut; the sum; LeakyReLU(0.1); 2×2 max-pooling; optionally dropout
+/// (first two blocks) and DropBlock (last two); then global average pooling and a
+/// linear head.
+///
+/// Parameters per block `b{i}.conv{1,2,3}.w`, `b{i}.norm{1,2,3}.{gamma,beta}`,
+/// `b{i}.shortcut.conv.w`, `b{i}.shortcut.norm.{gamma,beta}`, then `head.w`, `head.b`:
+/// the order of the reference script's W5 (`../shared/ref/maml_torch.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResNet12 {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Input height and width (32 for CIFAR-FS and FC100, 84 for miniImageNet).
+    pub image_size: usize,
+    /// The blocks' widths.
+    pub widths: [usize; 4],
+    /// Output classes.
+    pub ways: usize,
+    /// Normalisation after each convolution (batch norm in MetaOptNet).
+    pub norm: NormKind,
+    /// The negative slope of the leaky ReLUs.
+    pub slope: f64,
+    /// Dropout rate after the first two blocks and DropBlock rate after the last two
+    /// (0: none; MetaOptNet uses 0.1). Active in meta-training only.
+    pub drop_rate: f64,
+    /// DropBlock's block size (5 in MetaOptNet; clamped to the feature map).
+    pub drop_block_size: usize,
+    /// Added to variances before the square root.
+    pub eps: f64,
+}
+
+impl ResNet12 {
+    /// MetaOptNet's ResNet-12 for `ways` classes on `image_size`² RGB images, with batch
+    /// norm and without dropout (the W5 workload's network).
+    pub fn new(ways: usize, image_size: usize) -> Self {
+        ResNet12 {
+            in_channels: 3,
+            image_size,
+            widths: [64, 160, 320, 640],
+            ways,
+            norm: NormKind::Batch { per_step: None },
+            slope: 0.1,
+            drop_rate: 0.0,
+            drop_block_size: 5,
+            eps: 1e-5,
+        }
     }
 
-    fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, ctx: &mut Ctx<'_, F>) -> Var {
-        let bp = self.block_params();
-        if ctx.context.len() < 4 {
-            ctx.context.resize(4, None);
-        }
-        let stride = match self.downsample {
-            Downsample::MaxPool => 1,
-            Downsample::Strided => 2,
+    /// The composition.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) when the image is too small for four
+    /// poolings (16×16 is the least) or a rate is outside `[0, 1)`.
+    pub fn net(&self) -> crate::Result<Net> {
+        let label = format!("{self:?}");
+        let conv = |out, kernel| Layer::Conv {
+            out,
+            kernel,
+            stride: 1,
+            pad: kernel / 2,
+            bias: false,
         };
-        // A block's parameters: conv weight and bias, then the norm's γ and β.
-        let affine = |q: &[Var]| Affine {
-            gamma: q[2],
-            beta: q[3],
+        let norm = Layer::Norm {
+            kind: self.norm,
             eps: self.eps,
         };
-        let mut h = x;
-        for b in 0..4 {
-            let q = &p[b * bp..(b + 1) * bp];
-            h = conv2d(t, h, q[0], q[1], stride, 1);
-            let max_pool = self.downsample == Downsample::MaxPool;
-            // Batch norm with max-pooling runs norm, ReLU and pool as one op.
-            let mut pooled = false;
-            h = match self.norm {
-                NormKind::None => h,
-                NormKind::Batch { per_step } => {
-                    let s = per_step.map_or(0, |k| ctx.step.min(k - 1));
-                    let affine = Affine {
-                        gamma: q[2 + 2 * s],
-                        beta: q[3 + 2 * s],
-                        eps: self.eps,
-                    };
-                    let running = ctx.running.map(|r| r.get(b, s));
-                    let (y, obs) = if max_pool {
-                        pooled = true;
-                        batch_norm_relu_max_pool2d(t, h, affine, ctx.mode, running, 2)
-                    } else {
-                        batch_norm(t, h, affine, ctx.mode, running)
-                    };
-                    if let Some((mean, var)) = obs {
-                        ctx.observed.push(Observed {
-                            layer: b,
-                            step: s,
-                            mean,
-                            var,
-                        });
-                    }
-                    y
-                }
-                NormKind::Group { groups } => group_norm(t, h, affine(q), groups),
-                NormKind::Layer => group_norm(t, h, affine(q), 1),
-                NormKind::Instance => group_norm(t, h, affine(q), self.filters),
-                NormKind::TaskNorm => {
-                    let context = if ctx.record_context {
-                        None
-                    } else {
-                        Some(ctx.context[b].unwrap_or_else(|| {
-                            panic!(
-                                "metagrad::Conv4: TaskNorm needs a pass over the support set \
-                                 (Ctx::record_context) before other passes"
-                            )
-                        }))
-                    };
-                    let (y, used) = task_norm(t, h, affine(q), (q[4], q[5]), context);
-                    if ctx.record_context {
-                        ctx.context[b] = Some(used);
-                    }
-                    y
-                }
-            };
-            // ReLU and max-pooling commute (ReLU is monotone): one gather does both.
-            if !pooled {
-                h = if max_pool {
-                    t.relu_max_pool2d(h, 2, 2)
+        let mut seq = Seq::new();
+        for (b, &width) in self.widths.iter().enumerate() {
+            let body = Seq::new()
+                .push("conv1", conv(width, 3))
+                .push("norm1", norm.clone())
+                .leaky_relu(self.slope)
+                .push("conv2", conv(width, 3))
+                .push("norm2", norm.clone())
+                .leaky_relu(self.slope)
+                .push("conv3", conv(width, 3))
+                .push("norm3", norm.clone());
+            let shortcut = Seq::new()
+                .push("conv", conv(width, 1))
+                .push("norm", norm.clone());
+            let mut block = Seq::new()
+                .residual("", body, shortcut)
+                .leaky_relu(self.slope)
+                .max_pool(2);
+            if self.drop_rate > 0.0 {
+                block = if b < 2 {
+                    block.dropout(self.drop_rate)
                 } else {
-                    t.relu(h)
+                    block.drop_block(self.drop_rate, self.drop_block_size)
                 };
             }
+            seq = seq.block(format!("b{b}"), block);
         }
-        let h = match self.downsample {
-            Downsample::MaxPool => flatten(t, h),
-            Downsample::Strided => t.global_avg_pool(h),
-        };
-        let n = p.len();
-        linear(t, h, p[n - 2], p[n - 1])
-    }
-
-    fn outputs(&self) -> Option<usize> {
-        Some(self.ways)
-    }
-
-    fn head(&self) -> Vec<usize> {
-        let n = 4 * self.block_params() + 2;
-        vec![n - 2, n - 1]
-    }
-
-    fn inner_frozen(&self) -> Vec<usize> {
-        match self.norm {
-            NormKind::Batch { per_step: Some(_) } => {
-                let bp = self.block_params();
-                (0..4).flat_map(|b| b * bp + 2..(b + 1) * bp).collect()
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    fn batch_norm_channels(&self) -> Vec<usize> {
-        match self.norm {
-            NormKind::Batch { .. } => vec![self.filters; 4],
-            _ => Vec::new(),
-        }
-    }
-
-    fn norm_steps(&self) -> usize {
-        match self.norm {
-            NormKind::Batch { per_step: Some(k) } => k,
-            _ => 1,
-        }
-    }
-
-    fn needs_context(&self) -> bool {
-        self.norm == NormKind::TaskNorm
+        let seq = seq.global_avg_pool().push(
+            "head",
+            Layer::Linear {
+                out: self.ways,
+                init: LinearInit::Normal,
+            },
+        );
+        Ok(
+            Net::new(&[self.in_channels, self.image_size, self.image_size], seq)
+                .map_err(|e| crate::Error::Config(format!("{label}: {e}")))?
+                .with_label(label),
+        )
     }
 }
+
+/// The ready networks are their compositions: each `Model` method builds the net (a
+/// few small allocations) and asks it.
+macro_rules! composed {
+    ($($ty:ty),*) => {$(
+        impl<F: Float> Model<F> for $ty {
+            fn init(&self, seed: u64) -> Params<F> {
+                self.built().init(seed)
+            }
+            fn forward(&self, t: &mut Tape<F>, p: &[Var], x: Var, ctx: &mut Ctx<'_, F>) -> Var {
+                self.built().forward(t, p, x, ctx)
+            }
+            fn head(&self) -> Vec<usize> {
+                <Net as Model<F>>::head(&self.built())
+            }
+            fn batch_norm_channels(&self) -> Vec<usize> {
+                <Net as Model<F>>::batch_norm_channels(&self.built())
+            }
+            fn inner_frozen(&self) -> Vec<usize> {
+                <Net as Model<F>>::inner_frozen(&self.built())
+            }
+            fn norm_steps(&self) -> usize {
+                <Net as Model<F>>::norm_steps(&self.built())
+            }
+            fn needs_context(&self) -> bool {
+                <Net as Model<F>>::needs_context(&self.built())
+            }
+            fn batches_tasks(&self) -> bool {
+                <Net as Model<F>>::batches_tasks(&self.built())
+            }
+            fn outputs(&self) -> Option<usize> {
+                <Net as Model<F>>::outputs(&self.built())
+            }
+        }
+
+        impl $ty {
+            /// The composition, for the `Model` methods.
+            ///
+            /// # Panics
+            /// With the configuration error when the network cannot be built.
+            fn built(&self) -> Net {
+                self.net().unwrap_or_else(|e| panic!("{e}"))
+            }
+        }
+    )*};
+}
+
+composed!(Mlp, Conv4, Conv6, ResNet12);

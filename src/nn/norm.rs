@@ -43,6 +43,31 @@ pub struct Affine {
     pub eps: f64,
 }
 
+/// Which normalisation a layer applies (see the [module docs](self) for the modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormKind {
+    /// No normalisation.
+    None,
+    /// Batch norm; the mode comes with every forward call. `per_step = Some(k)` keeps
+    /// separate running statistics and affine weights for each of `k` inner steps (MAML++
+    /// BNRS + BNWB; use inner steps + 1 so the query pass has its own set).
+    Batch {
+        /// Number of per-step sets, or `None` for one shared set.
+        per_step: Option<usize>,
+    },
+    /// Group norm with this many groups (mode-independent).
+    Group {
+        /// Number of channel groups.
+        groups: usize,
+    },
+    /// Layer norm: group norm with one group (mode-independent).
+    Layer,
+    /// Instance norm: group norm with one group per channel (mode-independent).
+    Instance,
+    /// TaskNorm-I: support-set statistics blended with instance statistics.
+    TaskNorm,
+}
+
 /// Which statistics a batch norm uses (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NormMode {
@@ -162,6 +187,12 @@ pub struct Ctx<'a, F: Float> {
     /// Whether this forward pass is over the context (support) set, whose statistics
     /// TaskNorm records for later passes.
     pub record_context: bool,
+    /// The key of this task's random masks (dropout, DropBlock), or `None` to leave
+    /// them off, as in evaluation. The meta-learners set it in meta-training from the
+    /// meta-step and the task's index in the meta-batch; a layer draws its mask from
+    /// the key, [`Ctx::step`] and its own index in the net, so masks do not depend on
+    /// the thread count, and the recorded backward reuses the forward's masks.
+    pub noise: Option<u64>,
 }
 
 impl<'a, F: Float> Ctx<'a, F> {
@@ -174,6 +205,7 @@ impl<'a, F: Float> Ctx<'a, F> {
             observed: Vec::new(),
             context: Vec::new(),
             record_context: false,
+            noise: None,
         }
     }
 
@@ -181,6 +213,66 @@ impl<'a, F: Float> Ctx<'a, F> {
     pub fn with_running(mut self, running: &'a NormState<F>) -> Self {
         self.running = Some(running);
         self
+    }
+
+    /// Batch norm number `layer` (in [`Model::batch_norm_channels`] order) in one
+    /// call: it picks the affine set of the current inner step (`sets[min(step, len −
+    /// 1)]`; one set when statistics are not kept per step), normalises as
+    /// [`Ctx::mode`] says with the matching running statistics, and files what it
+    /// observed in [`NormMode::Train`].
+    ///
+    /// # Panics
+    /// If `sets` is empty, and as [`batch_norm`].
+    ///
+    /// [`Model::batch_norm_channels`]: super::Model::batch_norm_channels
+    #[track_caller]
+    pub fn batch_norm(&mut self, t: &mut Tape<F>, x: Var, layer: usize, sets: &[Affine]) -> Var {
+        let s = self.set(sets);
+        let running = self.running.map(|r| r.get(layer, s));
+        let (y, obs) = batch_norm(t, x, sets[s], self.mode, running);
+        self.file(layer, s, obs);
+        y
+    }
+
+    /// [`Ctx::batch_norm`], then ReLU and `k × k` max-pooling with stride `k`, fused as
+    /// [`batch_norm_relu_max_pool2d`].
+    ///
+    /// # Panics
+    /// As [`Ctx::batch_norm`] and [`Tape::max_pool2d`].
+    #[track_caller]
+    pub fn batch_norm_relu_max_pool2d(
+        &mut self,
+        t: &mut Tape<F>,
+        x: Var,
+        layer: usize,
+        sets: &[Affine],
+        k: usize,
+    ) -> Var {
+        let s = self.set(sets);
+        let running = self.running.map(|r| r.get(layer, s));
+        let (y, obs) = batch_norm_relu_max_pool2d(t, x, sets[s], self.mode, running, k);
+        self.file(layer, s, obs);
+        y
+    }
+
+    #[track_caller]
+    fn set(&self, sets: &[Affine]) -> usize {
+        assert!(
+            !sets.is_empty(),
+            "metagrad::Ctx::batch_norm: no affine set given"
+        );
+        self.step.min(sets.len() - 1)
+    }
+
+    fn file(&mut self, layer: usize, step: usize, obs: Option<ChannelStats<F>>) {
+        if let Some((mean, var)) = obs {
+            self.observed.push(Observed {
+                layer,
+                step,
+                mean,
+                var,
+            });
+        }
     }
 }
 

@@ -174,6 +174,32 @@ impl<F: Float> Tape<F> {
         self.mask(a, m)
     }
 
+    /// Leaky ReLU: `a` where `a > 0` (or NaN, which stays NaN), `slope · a` elsewhere.
+    /// Built from two masks, so that its derivative is the step function between
+    /// `slope` and 1 and its second derivative is zero, as for [`Tape::relu`].
+    pub fn leaky_relu(&mut self, a: Var, slope: f64) -> Var {
+        let pos = crate::array::simd::map(flat(self.value(a)), |p| p > F::zero() || p.is_nan());
+        let neg = pos.iter().map(|&p| !p).collect();
+        let kept = self.mask(a, pos);
+        let low = self.mask(a, neg);
+        let low = self.mul_scalar(low, slope);
+        self.add(kept, low)
+    }
+
+    /// Dropout with a fixed mask: `a · scale` where `keep` is true, zero elsewhere
+    /// (`scale = 1 / (1 − p)` for dropout at rate `p`; DropBlock rescales by the
+    /// fraction kept). The mask is a constant of the recorded graph, so every derivative
+    /// of any order, and the second-order backward of a meta-gradient, uses exactly the
+    /// mask of the forward pass.
+    ///
+    /// # Panics
+    /// If `keep` does not have one entry per element.
+    #[track_caller]
+    pub fn dropout(&mut self, a: Var, keep: Vec<bool>, scale: f64) -> Var {
+        let kept = self.mask(a, keep);
+        self.mul_scalar(kept, scale)
+    }
+
     /// Elementwise select: `a` where `cond` is true, `b` elsewhere (same shapes; `cond` is
     /// a constant, row-major).
     ///

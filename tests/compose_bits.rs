@@ -153,15 +153,37 @@ fn cases() -> Vec<(String, Vec<u64>, Vec<String>)> {
     out
 }
 
+/// Taken at commit 46ca3e6 (hand-written `Mlp` and `Conv4`) by running `cases` there:
+/// (label, the digests after MAML, Meta-SGD and Reptile, the parameter names).
+#[rustfmt::skip]
+const BEFORE: [(&str, [u64; 3], &str); 9] = [
+    ("mlp", [0x10603cf45be9cf98, 0x57aa71a656d90ac1, 0x237a28562c1351b7], "l0.w,l0.b,l1.w,l1.b,l2.w,l2.b"),
+    ("conv-batch", [0x342a5c5f4d624231, 0x145ef91c3091f762, 0x96881640f3da8ea9], "b0.conv.w,b0.conv.b,b0.norm.gamma,b0.norm.beta,b1.conv.w,b1.conv.b,b1.norm.gamma,b1.norm.beta,b2.conv.w,b2.conv.b,b2.norm.gamma,b2.norm.beta,b3.conv.w,b3.conv.b,b3.norm.gamma,b3.norm.beta,head.w,head.b"),
+    ("conv-batch-per-step", [0x495f1e7ec0cc20d5, 0x3a5b0da922303767, 0xb03fdcd3a36d7e43], "b0.conv.w,b0.conv.b,b0.norm.gamma.s0,b0.norm.beta.s0,b0.norm.gamma.s1,b0.norm.beta.s1,b0.norm.gamma.s2,b0.norm.beta.s2,b1.conv.w,b1.conv.b,b1.norm.gamma.s0,b1.norm.beta.s0,b1.norm.gamma.s1,b1.norm.beta.s1,b1.norm.gamma.s2,b1.norm.beta.s2,b2.conv.w,b2.conv.b,b2.norm.gamma.s0,b2.norm.beta.s0,b2.norm.gamma.s1,b2.norm.beta.s1,b2.norm.gamma.s2,b2.norm.beta.s2,b3.conv.w,b3.conv.b,b3.norm.gamma.s0,b3.norm.beta.s0,b3.norm.gamma.s1,b3.norm.beta.s1,b3.norm.gamma.s2,b3.norm.beta.s2,head.w,head.b"),
+    ("conv-group", [0x318adeb24cbff659, 0xf9a940d7ec75af57, 0x7b86166f3b56f2cd], "b0.conv.w,b0.conv.b,b0.norm.gamma,b0.norm.beta,b1.conv.w,b1.conv.b,b1.norm.gamma,b1.norm.beta,b2.conv.w,b2.conv.b,b2.norm.gamma,b2.norm.beta,b3.conv.w,b3.conv.b,b3.norm.gamma,b3.norm.beta,head.w,head.b"),
+    ("conv-layer", [0x1d6cb917914ae79d, 0xf9bc65148ca2345f, 0x4a61a2a798fd21c7], "b0.conv.w,b0.conv.b,b0.norm.gamma,b0.norm.beta,b1.conv.w,b1.conv.b,b1.norm.gamma,b1.norm.beta,b2.conv.w,b2.conv.b,b2.norm.gamma,b2.norm.beta,b3.conv.w,b3.conv.b,b3.norm.gamma,b3.norm.beta,head.w,head.b"),
+    ("conv-instance", [0x716c42601c0aea5a, 0x7668c54045c1cec4, 0x3f177f2e45ae0c10], "b0.conv.w,b0.conv.b,b0.norm.gamma,b0.norm.beta,b1.conv.w,b1.conv.b,b1.norm.gamma,b1.norm.beta,b2.conv.w,b2.conv.b,b2.norm.gamma,b2.norm.beta,b3.conv.w,b3.conv.b,b3.norm.gamma,b3.norm.beta,head.w,head.b"),
+    ("conv-tasknorm", [0x169c6900d6f6abe8, 0xe1d7c1f14ffedc3b, 0x7a540920cdf7c97a], "b0.conv.w,b0.conv.b,b0.norm.gamma,b0.norm.beta,b0.norm.scale,b0.norm.offset,b1.conv.w,b1.conv.b,b1.norm.gamma,b1.norm.beta,b1.norm.scale,b1.norm.offset,b2.conv.w,b2.conv.b,b2.norm.gamma,b2.norm.beta,b2.norm.scale,b2.norm.offset,b3.conv.w,b3.conv.b,b3.norm.gamma,b3.norm.beta,b3.norm.scale,b3.norm.offset,head.w,head.b"),
+    ("conv-none", [0x92904eecec35a979, 0x22f535892f4ca943, 0x3e2e49821b220d8a], "b0.conv.w,b0.conv.b,b1.conv.w,b1.conv.b,b2.conv.w,b2.conv.b,b3.conv.w,b3.conv.b,head.w,head.b"),
+    ("conv-batch-strided", [0xed94f8ab470f975d, 0x44f2ae77cef1b574, 0xc112175e6df0146e], "b0.conv.w,b0.conv.b,b0.norm.gamma,b0.norm.beta,b1.conv.w,b1.conv.b,b1.norm.gamma,b1.norm.beta,b2.conv.w,b2.conv.b,b2.norm.gamma,b2.norm.beta,b3.conv.w,b3.conv.b,b3.norm.gamma,b3.norm.beta,head.w,head.b"),
+];
+
 #[test]
-fn print_digests() {
-    for (label, d, n) in cases() {
-        println!(
-            "(\"{label}\", [{:#018x}, {:#018x}, {:#018x}], {:?}),",
-            d[0],
-            d[1],
-            d[2],
-            n.join(",")
-        );
+fn compositions_keep_the_hand_written_networks_bits_and_names() {
+    let got = cases();
+    assert_eq!(got.len(), BEFORE.len());
+    for ((label, digests, names), (want_label, want_digests, want_names)) in got.iter().zip(BEFORE)
+    {
+        assert_eq!(label, want_label);
+        assert_eq!(names.join(","), want_names, "{label}: parameter names");
+        for (method, (d, w)) in ["MAML", "Meta-SGD", "Reptile"]
+            .iter()
+            .zip(digests.iter().zip(want_digests))
+        {
+            assert_eq!(
+                *d, w,
+                "{label}: {method} digest after 3 steps: {d:#018x}, was {w:#018x}"
+            );
+        }
     }
 }

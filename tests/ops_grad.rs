@@ -948,3 +948,31 @@ fn a_samples_convolution_is_the_same_bits_in_any_batch() {
         assert_eq!(run(40, 0), alone, "C {c}: batch of 40");
     }
 }
+
+#[test]
+fn leaky_relu_and_dropout_with_a_fixed_mask() {
+    let x = rnd(&[3, 4], 90);
+    check("leaky_relu", |t, v| t.leaky_relu(v[0], 0.1), &[x.clone()]);
+    check("leaky_relu slope 2", |t, v| t.leaky_relu(v[0], 2.0), &[x.clone()]);
+    // A fixed mask that keeps two elements in three, rescaled by 3/2.
+    let drop = |t: &mut Tape<f64>, v: &[Var]| {
+        let keep = (0..12).map(|i| i % 3 != 1).collect();
+        t.dropout(v[0], keep, 1.5)
+    };
+    check("dropout", drop, &[x.clone()]);
+    // Values: the slope below zero; dropped elements are zero, kept ones rescaled.
+    let mut t = Tape::<f64>::new();
+    let v = t.param(x.clone());
+    let l = t.leaky_relu(v, 0.1);
+    let d = drop(&mut t, &[v]);
+    for (i, ((&a, &lr), &dr)) in x.iter().zip(t.value(l)).zip(t.value(d)).enumerate() {
+        assert_eq!(lr, if a > 0.0 { a } else { 0.1 * a });
+        assert_eq!(dr, if i % 3 != 1 { 1.5 * a } else { 0.0 });
+    }
+    // NaN stays NaN through both.
+    let mut t = Tape::<f64>::new();
+    let v = t.param(arr1(&[f64::NAN, 1.0]).into_dyn());
+    let l = t.leaky_relu(v, 0.1);
+    let d = t.dropout(v, vec![true, true], 2.0);
+    assert!(t.value(l)[0].is_nan() && t.value(d)[0].is_nan());
+}

@@ -3,9 +3,7 @@
 //! model files none), dropout masks seeded per task, step and layer, and adapt-then-predict.
 
 use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Targets, Task};
-use metagrad::nn::{
-    Affine, Conv4, Ctx, Layer, Model, Net, NormKind, NormMode, Params, ResNet12, Seq,
-};
+use metagrad::nn::{Affine, Conv4, Ctx, Model, Net, NormKind, NormMode, Params, ResNet12, Seq};
 use metagrad::{Error, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
@@ -60,7 +58,10 @@ fn a_conv4_fed_the_wrong_image_size_names_the_layer_and_both_shapes() {
     });
     assert!(msg.contains("Conv4"), "{msg}");
     assert!(msg.contains("layer `b0.conv`"), "{msg}");
-    assert!(msg.contains("expects input [N, 3, 84, 84], got [2, 3, 28, 28]"), "{msg}");
+    assert!(
+        msg.contains("expects input [N, 3, 84, 84], got [2, 3, 28, 28]"),
+        "{msg}"
+    );
     // A 16×16 input to a 28×28 net no longer runs silently either.
     let msg = panic_text(|| {
         forward(
@@ -124,7 +125,15 @@ fn hooks_come_from_the_composition() {
     .unwrap();
     let names = net.param_names();
     assert_eq!(names.len(), 2 * (2 + 2 * 3) + 2);
-    assert_eq!(&names[..4], ["b0.conv.w", "b0.conv.b", "b0.norm.gamma.s0", "b0.norm.beta.s0"]);
+    assert_eq!(
+        &names[..4],
+        [
+            "b0.conv.w",
+            "b0.conv.b",
+            "b0.norm.gamma.s0",
+            "b0.norm.beta.s0"
+        ]
+    );
     let m: &dyn Model<f32> = &net;
     assert_eq!(m.batch_norm_channels(), vec![3, 5]);
     assert_eq!(m.norm_steps(), 3);
@@ -171,7 +180,7 @@ impl Model<f64> for HandBn {
         let h = if self.file {
             ctx.batch_norm(t, h, 0, &[affine])
         } else {
-            metagrad::nn::batch_norm(t, h, affine, ctx.mode, None).0
+            metagrad::nn::norm::batch_norm(t, h, affine, ctx.mode, None).0
         };
         let h = t.relu(h);
         t.matmul_t(h, p[3], false, true)
@@ -202,8 +211,15 @@ fn a_model_that_declares_batch_norm_but_files_nothing_is_refused_at_its_first_st
     let err = forgetful.meta_step(&tasks, &mut opt).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Config(_)), "{msg}");
-    assert!(msg.contains("filed no statistics") && msg.contains("Ctx::batch_norm"), "{msg}");
-    assert_eq!(forgetful.params.digest(), before, "a refused step changes nothing");
+    assert!(
+        msg.contains("filed no statistics") && msg.contains("Ctx::batch_norm"),
+        "{msg}"
+    );
+    assert_eq!(
+        forgetful.params.digest(),
+        before,
+        "a refused step changes nothing"
+    );
     assert_eq!(forgetful.meta_batches(), 0);
     // The same model through Ctx::batch_norm trains, and its running statistics move.
     let mut filing = MetaLearner::new(HandBn { file: true }, MetaConfig::maml(1, 0.1), 0);
@@ -248,9 +264,21 @@ fn dropout_masks_are_seeded_per_task_step_and_layer_and_off_in_evaluation() {
         forward(&net, x.clone(), &mut ctx)
     };
     let off = run(None, 0);
-    assert_eq!(run(Some(1), 0), run(Some(1), 0), "the same key, the same masks");
-    assert_ne!(run(Some(1), 0), run(Some(2), 0), "another task, other masks");
-    assert_ne!(run(Some(1), 0), run(Some(1), 1), "another inner step, other masks");
+    assert_eq!(
+        run(Some(1), 0),
+        run(Some(1), 0),
+        "the same key, the same masks"
+    );
+    assert_ne!(
+        run(Some(1), 0),
+        run(Some(2), 0),
+        "another task, other masks"
+    );
+    assert_ne!(
+        run(Some(1), 0),
+        run(Some(1), 1),
+        "another inner step, other masks"
+    );
     assert_ne!(run(Some(1), 0), off);
     // Without a key (evaluation) the layers are the identity: the same net without them.
     let plain = Net::new(
@@ -265,7 +293,10 @@ fn dropout_masks_are_seeded_per_task_step_and_layer_and_off_in_evaluation() {
             .linear("head", 3),
     )
     .unwrap();
-    assert_eq!(forward(&plain, x.clone(), &mut Ctx::new(NormMode::Train)), off);
+    assert_eq!(
+        forward(&plain, x.clone(), &mut Ctx::new(NormMode::Train)),
+        off
+    );
 }
 
 fn dropout_tasks() -> Vec<Task<f64>> {
@@ -339,17 +370,17 @@ fn the_second_order_backward_reuses_the_forward_masks() {
 fn adapted_models_predict_as_evaluate_task_scores() {
     let model = Conv4 {
         in_channels: 2,
-        image_size: 12,
+        image_size: 16,
         filters: 4,
         ..Conv4::omniglot(3)
     };
     let mut learner = MetaLearner::<f64, _>::new(model, MetaConfig::maml(1, 0.2), 0);
     let mut opt = Optimizer::adam(1e-3);
-    let tasks: Vec<_> = (0..2).map(|i| image_task(3, 2, 12, 40 + 2 * i)).collect();
+    let tasks: Vec<_> = (0..2).map(|i| image_task(3, 2, 16, 40 + 2 * i)).collect();
     for _ in 0..2 {
         learner.meta_step(&tasks, &mut opt).unwrap();
     }
-    let task = image_task(3, 2, 12, 90);
+    let task = image_task(3, 2, 16, 90);
     for mode in [NormMode::Transductive, NormMode::Inductive] {
         let (loss, acc) = learner.evaluate_task(&task, 3, mode).unwrap();
         let adapted = learner

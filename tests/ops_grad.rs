@@ -953,7 +953,11 @@ fn a_samples_convolution_is_the_same_bits_in_any_batch() {
 fn leaky_relu_and_dropout_with_a_fixed_mask() {
     let x = rnd(&[3, 4], 90);
     check("leaky_relu", |t, v| t.leaky_relu(v[0], 0.1), &[x.clone()]);
-    check("leaky_relu slope 2", |t, v| t.leaky_relu(v[0], 2.0), &[x.clone()]);
+    check(
+        "leaky_relu slope 2",
+        |t, v| t.leaky_relu(v[0], 2.0),
+        &[x.clone()],
+    );
     // A fixed mask that keeps two elements in three, rescaled by 3/2.
     let drop = |t: &mut Tape<f64>, v: &[Var]| {
         let keep = (0..12).map(|i| i % 3 != 1).collect();

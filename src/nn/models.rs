@@ -187,7 +187,7 @@ impl Mlp {
                 seq = seq.relu();
             }
         }
-        Ok(Net::new(&self.sizes[..1], seq)?.with_label(format!("{self:?}")))
+        labelled(format!("{self:?}"), &self.sizes[..1], seq)
     }
 }
 
@@ -375,9 +375,7 @@ fn conv_net(
             init: LinearInit::Normal,
         },
     );
-    Ok(Net::new(&[channels, size, size], seq)
-        .map_err(|e| crate::Error::Config(format!("{label}: {e}")))?
-        .with_label(label))
+    labelled(label.to_string(), &[channels, size, size], seq)
 }
 
 /// ResNet-12 as MetaOptNet defines it (Lee et al., 2019): four residual blocks of widths
@@ -482,11 +480,24 @@ impl ResNet12 {
                 init: LinearInit::Normal,
             },
         );
-        Ok(
-            Net::new(&[self.in_channels, self.image_size, self.image_size], seq)
-                .map_err(|e| crate::Error::Config(format!("{label}: {e}")))?
-                .with_label(label),
+        labelled(
+            label,
+            &[self.in_channels, self.image_size, self.image_size],
+            seq,
         )
+    }
+}
+
+/// [`Net::new`] under a label, which its errors give too.
+fn labelled(label: String, input: &[usize], seq: Seq) -> crate::Result<Net> {
+    match Net::new(input, seq) {
+        Ok(net) => Ok(net.with_label(label)),
+        Err(crate::Error::Config(m)) => Err(crate::Error::Config(m.replacen(
+            "metagrad::Net:",
+            &format!("metagrad::{label}:"),
+            1,
+        ))),
+        Err(e) => Err(e),
     }
 }
 

@@ -3,7 +3,9 @@
 //! model files none), dropout masks seeded per task, step and layer, and adapt-then-predict.
 
 use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Targets, Task};
-use metagrad::nn::{Affine, Conv4, Ctx, Model, Net, NormKind, NormMode, Params, ResNet12, Seq};
+use metagrad::nn::{
+    Affine, Conv4, Conv6, Ctx, Mlp, Model, Net, NormKind, NormMode, Params, ResNet12, Seq,
+};
 use metagrad::{Error, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
@@ -410,4 +412,31 @@ fn adapted_models_predict_as_evaluate_task_scores() {
         .unwrap();
     let err = adapted.logits(&noise(&[2, 2, 8, 8], 3)).unwrap_err();
     assert!(err.to_string().contains("b0.conv"), "{err}");
+}
+
+/// The parameter counts the README lists, from the compositions and worked out by hand
+/// (weights + biases + batch-norm affine weights + head).
+#[test]
+fn ready_networks_have_the_parameter_counts_the_readme_lists() {
+    let count = |net: Net| net.param_count();
+    // 1·40+40 + 40·40+40 + 40+1.
+    assert_eq!(count(Mlp::sinusoid().net().unwrap()), 1_761);
+    // 64·9+64 + 3·(64·64·9+64) + 4·128 + 64·5+5.
+    assert_eq!(count(Conv4::omniglot(5).net().unwrap()), 112_261);
+    // 32·3·9+32 + 3·(32·32·9+32) + 4·64 + 800·5+5.
+    assert_eq!(count(Conv4::mini_imagenet(5).net().unwrap()), 32_901);
+    // 64·3·9+64 + 5·(64·64·9+64) + 6·128 + 1600·5+5.
+    let conv6 = Conv6 {
+        in_channels: 3,
+        image_size: 84,
+        filters: 64,
+        ways: 5,
+        norm: NormKind::Batch { per_step: None },
+        eps: 1e-5,
+    };
+    assert_eq!(count(conv6.net().unwrap()), 195_205);
+    // Per block: 9·in·w + 2·9·w² + in·w (shortcut) + 4·2w (norms); head 640·5+5. Global
+    // pooling makes the count independent of the image size.
+    assert_eq!(count(ResNet12::new(5, 84).net().unwrap()), 12_427_525);
+    assert_eq!(count(ResNet12::new(5, 32).net().unwrap()), 12_427_525);
 }

@@ -430,7 +430,7 @@ fn norm_state_round_trips() {
     let path = dir.join("c.json");
     let model = Conv4 {
         filters: 3,
-        image_size: 8,
+        image_size: 16,
         ..Conv4::omniglot(2)
     };
     let mut learner = MetaLearner::<f64, _>::new(model, MetaConfig::maml(1, 0.4), 0);

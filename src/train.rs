@@ -295,9 +295,11 @@ pub struct Summary {
     /// Seconds this call spent training (validation and checkpoints included).
     pub seconds: f64,
     /// The mean training query loss over the last tenth of the run's steps (at least one;
-    /// skipped steps left out), from the history: where training ended.
+    /// skipped steps left out), from the history: where training ended (NaN when the
+    /// history has no such step).
     pub final_loss: f64,
-    /// The same for the training query accuracy (classification).
+    /// The same for the training query accuracy (classification; `None` also when the
+    /// history has no step that was not skipped).
     pub final_accuracy: Option<f64>,
 }
 
@@ -669,6 +671,7 @@ impl<F: Float> Trainer<F> {
             .iter()
             .map(|r| r.accuracy)
             .sum::<Option<f64>>()
+            .filter(|_| !recent.is_empty())
             .map(|a| a / recent.len() as f64);
         shown.finish(
             learner.meta_batches() - first,
@@ -1082,10 +1085,13 @@ impl Shown {
             eprintln!();
         }
         let seconds = self.start.elapsed().as_secs_f64();
-        let mut line = format!(
-            "{steps} steps in {seconds:.1}s ({:.2} ms/step), final loss {loss:.4}",
-            1e3 * seconds / steps.max(1) as f64
-        );
+        let mut line = format!("{steps} steps in {seconds:.1}s");
+        if steps > 0 {
+            line.push_str(&format!(" ({:.2} ms/step)", 1e3 * seconds / steps as f64));
+        }
+        if !loss.is_nan() {
+            line.push_str(&format!(", final loss {loss:.4}"));
+        }
         if let Some(a) = accuracy {
             line.push_str(&format!(" accuracy {:.1}%", 100.0 * a));
         }

@@ -290,7 +290,8 @@ pub struct Summary {
     pub last: Option<StepStats>,
     /// Every step, in order. After a resume, the steps before it are read back (bit for
     /// bit) from the log; without a [`log`](Trainer::log) there is no such record, and
-    /// the history starts at [`first_step`](Self::first_step).
+    /// the history starts at [`first_step`](Self::first_step). Under MPI only the root
+    /// rank, which writes the log, reads it back.
     pub history: Vec<StepRecord>,
     /// Seconds this call spent training (validation and checkpoints included).
     pub seconds: f64,
@@ -548,7 +549,12 @@ impl<F: Float> Trainer<F> {
         let first = learner.meta_batches();
         let (mut log, mut history, seconds_before) = match &self.log {
             Some(path) => {
-                let kept = Log::read(path, first);
+                // The root rank rewrites the log: only it reads it back.
+                let kept = if root {
+                    Log::read(path, first)
+                } else {
+                    Vec::new()
+                };
                 let history = kept.iter().filter_map(StepRecord::from_row).collect();
                 let seconds = kept
                     .iter()

@@ -31,8 +31,9 @@ use metagrad::data::{
     Split, Transforms,
 };
 use metagrad::eval::evaluate_episodes;
-use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order, Task};
+use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Order};
 use metagrad::nn::{Conv4, NormMode};
+use metagrad::train::Trainer;
 use rand::Rng;
 use serde_json::json;
 use std::error::Error;
@@ -330,26 +331,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         rayon::current_num_threads()
     );
 
-    let t0 = Instant::now();
-    let every = (args.steps / 20).max(1);
-    let (mut window_acc, mut window_n, mut last_acc) = (0.0, 0usize, f64::NAN);
-    for step in 1..=args.steps {
-        let tasks = Task::<f32>::from_episodes(&sampler.sample_batch(meta_batch)?);
-        let stats = learner.meta_step(&tasks, &mut opt)?;
-        window_acc += stats.accuracy.unwrap_or(f64::NAN);
-        window_n += 1;
-        if step % every == 0 || step == args.steps {
-            last_acc = window_acc / window_n as f64;
-            eprintln!(
-                "step {step:>6}/{}  train query accuracy {:.1}%  [{:.0}s]",
-                args.steps,
-                100.0 * last_acc,
-                t0.elapsed().as_secs_f64()
-            );
-            (window_acc, window_n) = (0.0, 0);
-        }
-    }
-    let train_s = t0.elapsed().as_secs_f64();
+    let summary = Trainer::new(args.steps, meta_batch).run(&mut learner, &mut opt, &mut sampler)?;
 
     let t1 = Instant::now();
     let mut reports = Vec::new();
@@ -392,7 +374,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         "threads": rayon::current_num_threads(),
         "train_classes": data.train.num_classes(),
         "test_classes": data.test.num_classes(),
-        "train_final_accuracy": last_acc,
+        "train_final_accuracy": summary.final_accuracy,
         "tests": reports.iter().map(|r| json!({
             "mode": r.mode.to_string(),
             "tasks": r.tasks,
@@ -402,7 +384,7 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             "seed": TEST_SEED,
         })).collect::<Vec<_>>(),
         "load_seconds": load_s,
-        "train_seconds": train_s,
+        "train_seconds": summary.seconds,
         "eval_seconds": eval_s,
         "wall_seconds": start.elapsed().as_secs_f64(),
     });

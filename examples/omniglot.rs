@@ -42,9 +42,11 @@
 //!     --cg-damping 4 --inner-steps 16 --inner-lr 0.1 --test-steps 16
 //! ```
 //!
-//! Writes the training curve (`curve.csv`: step, loss, accuracy, seconds; `curve.svg`) to
-//! `--out`; with `--checkpoint-dir`, saves `checkpoint.json` there atomically every
-//! `--save-every` steps and at the end, and `--resume` continues from it bit for bit.
+//! Meta-trains with `metagrad::train::Trainer`, which writes the log of every step
+//! (`curve.csv`: the trainer's CSV log, with loss, accuracy, learning rate and seconds) to
+//! `--out`, and the curve drawn from it (`curve.svg`). With `--checkpoint-dir`, it saves
+//! `checkpoint.json` there atomically every `--save-every` steps and at the end, and
+//! `--resume` continues from it bit for bit, the log and the curve covering the whole run.
 //! Ends with one line `RESULT {json}`.
 
 mod common;
@@ -52,9 +54,10 @@ mod common;
 use clap::{Parser, ValueEnum};
 use common::{OmniglotArgs, TEST_SEED};
 use metagrad::checkpoint::Checkpoint;
-use metagrad::data::{rng_from_seed, EpisodeSampler};
+use metagrad::data::EpisodeSampler;
 use metagrad::meta::{Imaml, MetaConfig, MetaLearner, Optimizer, Order};
-use metagrad::nn::{Conv4, NormKind, NormMode};
+use metagrad::nn::{NormKind, NormMode};
+use metagrad::train::{StepRecord, Trainer};
 use plotters::prelude::*;
 use serde_json::json;
 use std::error::Error;
@@ -160,50 +163,9 @@ struct Args {
     /// Seed of the character split (keeps the test classes fixed across --seed).
     #[arg(long, default_value_t = 0)]
     split_seed: u64,
-    /// Output directory for curve.csv and curve.svg.
+    /// Output directory for curve.csv (the log of every step) and curve.svg.
     #[arg(long, default_value = "runs/omniglot")]
     out: PathBuf,
-}
-
-/// One row of the training curve.
-#[derive(Clone, Copy, Debug)]
-struct Point {
-    step: u64,
-    loss: f64,
-    accuracy: f64,
-    seconds: f64,
-}
-
-fn write_csv(path: &Path, curve: &[Point]) -> std::io::Result<()> {
-    let mut text = String::from("step,loss,accuracy,seconds\n");
-    for p in curve {
-        text.push_str(&format!(
-            "{},{},{},{:.3}\n",
-            p.step, p.loss, p.accuracy, p.seconds
-        ));
-    }
-    // Like the checkpoint, never half written.
-    common::write_replace(path, &text)
-}
-
-/// Reads a curve written by [`write_csv`], keeping the steps up to `up_to`.
-fn read_csv(path: &Path, up_to: u64) -> Vec<Point> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(',').collect();
-            Some(Point {
-                step: f.first()?.parse().ok()?,
-                loss: f.get(1)?.parse().ok()?,
-                accuracy: f.get(2)?.parse().ok()?,
-                seconds: f.get(3)?.parse().ok()?,
-            })
-        })
-        .filter(|p| p.step <= up_to)
-        .collect()
 }
 
 /// Moving average over a window of `w` points ending at each point.
@@ -221,7 +183,7 @@ fn smooth(values: &[f64], w: usize) -> Vec<f64> {
 }
 
 /// Two panels: query loss and query accuracy per meta-step (raw and smoothed).
-fn plot(path: &Path, curve: &[Point], title: &str) -> Result<(), Box<dyn Error>> {
+fn plot(path: &Path, curve: &[StepRecord], title: &str) -> Result<(), Box<dyn Error>> {
     let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 2));
@@ -230,7 +192,13 @@ fn plot(path: &Path, curve: &[Point], title: &str) -> Result<(), Box<dyn Error>>
     let window = (curve.len() / 50).max(1);
     let series: [(&str, Vec<f64>); 2] = [
         ("query loss", curve.iter().map(|p| p.loss).collect()),
-        ("query accuracy", curve.iter().map(|p| p.accuracy).collect()),
+        (
+            "query accuracy",
+            curve
+                .iter()
+                .map(|p| p.accuracy.unwrap_or(f64::NAN))
+                .collect(),
+        ),
     ];
     let first = curve.first().map_or(0.0, |p| p.step as f64);
     for (area, (name, ys)) in panels.iter().zip(series) {
@@ -342,7 +310,6 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     let mut learner = MetaLearner::<f32, _>::new(model, config.clone(), args.setup.seed)
         .with_comm(common::comm().clone())?;
     let mut opt = Optimizer::adam(args.setup.outer_lr);
-    let mut rng = rng_from_seed(args.setup.seed.wrapping_add(1));
     let eval_modes = match args.eval_mode {
         EvalMode::Inductive => vec![NormMode::Inductive],
         EvalMode::Transductive => vec![NormMode::Transductive],
@@ -363,52 +330,17 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
         );
     }
 
-    std::fs::create_dir_all(&args.out)?;
     let csv_path = args.out.join("curve.csv");
     let svg_path = args.out.join("curve.svg");
-    let checkpoint_path = match &args.checkpoint_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            Some(dir.join(CHECKPOINT_FILE))
-        }
-        None => None,
-    };
-    let mut curve = Vec::new();
+    let checkpoint_path = args
+        .checkpoint_dir
+        .as_ref()
+        .map(|d| d.join(CHECKPOINT_FILE));
     if let Some(path) = checkpoint_path
         .as_ref()
-        .filter(|p| !args.resume && p.exists())
+        .filter(|p| args.resume && !p.exists())
     {
-        common::note_overwrite(path);
-    }
-    if args.resume {
-        let path = checkpoint_path
-            .as_ref()
-            .expect("clap requires --checkpoint-dir");
-        let checkpoint = Checkpoint::<f32>::load(path)?;
-        let mut saved = checkpoint.config.clone();
-        saved.parallel_iterations = config.parallel_iterations;
-        if saved != config {
-            eprintln!(
-                "note: the checkpoint was trained with {saved:?}; continuing with it rather \
-                 than with this command line's {config:?}"
-            );
-        }
-        let (o, r) = checkpoint.restore(&mut learner)?;
-        if o.lr != args.setup.outer_lr {
-            eprintln!(
-                "note: continuing with the checkpoint's outer learning rate {}",
-                o.lr
-            );
-        }
-        (opt, rng) = (o, r);
-        learner.config.on_non_finite = policy; // this run's choice, not the saved one
-        curve = read_csv(&csv_path, learner.meta_batches());
-        eprintln!(
-            "resumed from {} at meta-step {} ({} curve points)",
-            path.display(),
-            learner.step,
-            curve.len()
-        );
+        Checkpoint::<f32>::load(path)?; // says that there is nothing to resume
     }
 
     let n_params = learner.params.num_elements();
@@ -443,107 +375,22 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     }
 
     // ---- meta-training ----
-    let mut sampler = EpisodeSampler::with_rng(&train, spec, rng)?;
-    // Under MPI every rank restored its own file: check they still agree.
-    learner.check_ranks()?;
-    // Counted in meta-batches drawn, so that skipped steps resume bit for bit.
-    let first = learner.meta_batches();
-    let total = args.steps.max(first);
-    let report_every = (total / 20).max(1);
-    let bar = common::progress_bar("meta-train".into(), first, total)?;
-    let seconds_before = curve.last().map_or(0.0, |p: &Point| p.seconds);
-    let t_train = Instant::now();
-    let mut window = (0.0, 0.0, 0usize);
-    // iMAML: the largest CG residual since the last report.
-    let mut worst_residual: Option<f64> = None;
-    let save = |learner: &MetaLearner<f32, Conv4>,
-                opt: &Optimizer<f32>,
-                sampler: &EpisodeSampler<'_>,
-                curve: &[Point]|
-     -> Result<(), Box<dyn Error>> {
-        if !common::writes_files() {
-            return Ok(()); // rank 0 writes; every rank holds the same state
-        }
-        if let Some(path) = &checkpoint_path {
-            Checkpoint::capture(learner, opt, sampler.rng()).save(path)?;
-        }
-        write_csv(&csv_path, curve)?;
-        Ok(())
-    };
-    for step in first + 1..=total {
-        let stats = common::train_step(&mut learner, &mut opt, &mut sampler, args.meta_batch)?;
-        let accuracy = stats.accuracy.unwrap_or(f64::NAN);
-        curve.push(Point {
-            step,
-            loss: stats.loss,
-            accuracy,
-            seconds: seconds_before + t_train.elapsed().as_secs_f64(),
-        });
-        if stats.skipped {
-            let message = format!(
-                "meta-step {step}: skipped, its loss or update was not finite ({} skipped so \
-                 far)",
-                learner.skipped_steps
-            );
-            common::say(bar.as_ref(), message);
-        } else {
-            window.0 += stats.loss;
-            window.1 += accuracy;
-            window.2 += 1;
-        }
-        if let Some(cg) = stats.cg {
-            worst_residual = Some(worst_residual.map_or(cg.residual, |r| r.max(cg.residual)));
-        }
-        let (loss, acc) = (window.0 / window.2 as f64, window.1 / window.2 as f64);
-        if let Some(bar) = &bar {
-            bar.inc(1);
-            bar.set_message(format!("loss {loss:.3}  acc {:.1}%", 100.0 * acc));
-        }
-        if step % report_every == 0 || step == total {
-            let cg = worst_residual
-                .take()
-                .map_or(String::new(), |r| format!("  CG residual ≤ {r:.2e}"));
-            if bar.is_none() {
-                eprintln!(
-                    "meta-train: step {step:>6}/{total}  query loss {loss:.4}  query accuracy \
-                     {:.1}% (means of last {}){cg}  [{:.1}s]",
-                    100.0 * acc,
-                    window.2,
-                    t_train.elapsed().as_secs_f64()
-                );
-            }
-            window = (0.0, 0.0, 0);
-        }
-        if checkpoint_path.is_some() && step % args.save_every.max(1) == 0 && step < total {
-            save(&learner, &opt, &sampler, &curve)?;
-            common::say(bar.as_ref(), format!("checkpoint saved at step {step}"));
-        }
+    let mut sampler = EpisodeSampler::new(&train, spec, args.setup.seed.wrapping_add(1))?;
+    let mut trainer = Trainer::new(args.steps, args.meta_batch).log(&csv_path);
+    if let Some(dir) = &args.checkpoint_dir {
+        trainer = trainer
+            .checkpoint_dir(dir)
+            .checkpoint_names(CHECKPOINT_FILE, "best.json")
+            .save_every(args.save_every.max(1))
+            .resume(args.resume);
     }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let train_s = t_train.elapsed().as_secs_f64();
-    let trained_now = total - first;
-    save(&learner, &opt, &sampler, &curve)?;
-    if let Some(path) = &checkpoint_path {
-        eprintln!(
-            "checkpoint saved: {} (step {})",
-            path.display(),
-            learner.step
-        );
-    }
-    if trained_now > 0 {
-        eprintln!(
-            "meta-trained {trained_now} steps in {train_s:.1}s ({:.0} ms/step)",
-            1e3 * train_s / trained_now as f64
-        );
-    }
+    let summary = trainer.run(&mut learner, &mut opt, &mut sampler)?;
     let title = format!(
         "{method} Omniglot {}-way {}-shot",
         args.setup.ways, args.setup.shots
     );
-    if !curve.is_empty() && common::writes_files() {
-        plot(&svg_path, &curve, &title)?;
+    if !summary.history.is_empty() && common::writes_files() {
+        plot(&svg_path, &summary.history, &title)?;
     }
 
     // ---- evaluation ----
@@ -588,9 +435,6 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     }
     println!("curve: {} and {}", csv_path.display(), svg_path.display());
 
-    let last = curve.len().saturating_sub(report_every as usize);
-    let tail = &curve[last..];
-    let mean = |f: fn(&Point) -> f64| tail.iter().map(f).sum::<f64>() / tail.len().max(1) as f64;
     let wall = start.elapsed().as_secs_f64();
     println!("total wall-clock time: {wall:.1}s");
     let result = json!({
@@ -640,9 +484,9 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
             "loss": r.mean_loss,
             "diverged": r.diverged,
         })).collect::<Vec<_>>(),
-        "train_final_loss": mean(|p| p.loss),
-        "train_final_accuracy": mean(|p| p.accuracy),
-        "train_seconds_this_run": train_s,
+        "train_final_loss": summary.final_loss,
+        "train_final_accuracy": summary.final_accuracy,
+        "train_seconds_this_run": summary.seconds,
         "eval_seconds": eval_s,
         "wall_seconds": wall,
         "curve_csv": csv_path.display().to_string(),

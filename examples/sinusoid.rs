@@ -20,30 +20,29 @@
 //! prediction before adaptation and after 1 and 10 steps) to `--out`, and ends with one
 //! line `RESULT {json}`.
 //!
-//! With `--checkpoint-dir DIR`, each model's state — learner, Adam, and the task sampler's
-//! generator — is saved atomically to `DIR/checkpoint-k{K}.json` every `--save-every`
-//! meta-steps and when its training ends, with its training curve so far in
-//! `DIR/progress-k{K}.json`. `--resume` continues each model from its checkpoint up to the
-//! same `--steps` (a model with no checkpoint yet starts from step 0; a finished one is
-//! only evaluated): the trained models, their test results and training curves are
+//! Each model is meta-trained by `metagrad::train::Trainer`, which logs every step to
+//! `--out/train-k{K}.csv`. With `--checkpoint-dir DIR`, each model's state (learner, Adam,
+//! the task sampler's generator) is saved atomically to `DIR/checkpoint-k{K}.json` every
+//! `--save-every` meta-steps and when its training ends. `--resume` continues each model
+//! from its checkpoint up to the same `--steps` (a model with no checkpoint yet starts
+//! from step 0; a finished one is only evaluated), reading the steps before the resume
+//! back from its log: the trained models, their test results and training curves are
 //! bitwise those of a run that was never interrupted.
 
 mod common;
 
 use clap::Parser;
-use metagrad::checkpoint::Checkpoint;
 use metagrad::data::{SinusoidBatch, SinusoidSampler};
 use metagrad::eval::confidence_interval;
 use metagrad::map_fn::map_tasks;
-use metagrad::meta::{InnerLoop, InnerRule, MetaConfig, MetaLearner, Optimizer, Task};
-use metagrad::nn::{Ctx, Mlp, Model, NormMode};
-use metagrad::Tape;
+use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Task};
+use metagrad::nn::{Mlp, NormMode};
+use metagrad::train::{StepRecord, Summary, Trainer};
 use ndarray::ArrayD;
 use plotters::prelude::*;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -86,7 +85,7 @@ struct Args {
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Output directory for the plot.
+    /// Output directory for the plot and the training logs (train-k{K}.csv).
     #[arg(long, default_value = "runs/sinusoid")]
     out: PathBuf,
     /// Smoke run (CI): fewer meta-steps and test tasks unless given explicitly.
@@ -130,218 +129,56 @@ fn stat(losses: &[f64]) -> Stat {
     }
 }
 
-/// The training curve of one model so far, saved beside its checkpoint so that a resumed
-/// run reports the same curve as an uninterrupted one. Floats are stored as their IEEE-754
-/// bits, so they read back exactly.
-#[derive(Serialize, Deserialize)]
-struct Progress {
-    /// The meta-step the matching checkpoint was saved at.
-    step: u64,
-    /// Tasks per meta-batch of the run (a resumed run must use the same).
-    meta_batch: usize,
-    /// The reported means so far (`f64::to_bits`).
-    curve_bits: Vec<u64>,
-    /// Sum of the losses since the last reported mean (`f64::to_bits`).
-    window_sum_bits: u64,
-    /// Number of losses in that sum.
-    window_len: usize,
-}
-
-/// Where one model's checkpoint and progress files go.
-struct CheckpointFiles {
-    checkpoint: PathBuf,
-    progress: PathBuf,
-}
-
-impl CheckpointFiles {
-    fn new(dir: &Path, k: usize) -> Self {
-        CheckpointFiles {
-            checkpoint: dir.join(format!("checkpoint-k{k}.json")),
-            progress: dir.join(format!("progress-k{k}.json")),
-        }
-    }
-}
-
-/// One meta-trained model: the learner, its training curve (means of the post-update
-/// query MSE), and the meta-step its training started from in this run.
+/// One meta-trained model, its run, its test tasks and its test MSE.
 struct Trained {
+    k: usize,
     learner: Learner,
-    curve: Vec<f64>,
-    resumed_from: u64,
+    summary: Summary,
+    batch: SinusoidBatch,
+    tasks: Vec<Task<f32>>,
+    mse: Vec<Stat>,
+    train_s: f64,
+    eval_s: f64,
 }
 
 /// Meta-trains one model with `k` support (and `k` query) points per training task, up to
-/// `steps` meta-steps in all; with `files`, saves checkpoints there, and resumes from them
-/// under `--resume`.
-fn train(
-    args: &Args,
-    steps: u64,
-    k: usize,
-    files: Option<&CheckpointFiles>,
-) -> Result<Trained, Box<dyn Error>> {
-    let policy = common::non_finite(args.skip_non_finite);
-    let config = MetaConfig::maml(TRAIN_INNER_STEPS, INNER_LR).with_non_finite(policy);
-    let mut learner = Learner::new(Mlp::sinusoid(), config.clone(), args.seed)
-        .with_comm(common::comm().clone())?;
-    let mut opt = Optimizer::adam(META_LR);
+/// `steps` meta-steps in all; with `--checkpoint-dir`, saves checkpoints there, and
+/// resumes from them under `--resume`.
+fn train(args: &Args, steps: u64, k: usize) -> Result<(Learner, Summary), Box<dyn Error>> {
+    let config = MetaConfig::maml(TRAIN_INNER_STEPS, INNER_LR)
+        .with_non_finite(common::non_finite(args.skip_non_finite));
+    let mut learner =
+        Learner::new(Mlp::sinusoid(), config, args.seed).with_comm(common::comm().clone())?;
     let mut sampler = SinusoidSampler::new(k, k, args.seed.wrapping_add(1 + k as u64))?;
-    let mut window = (0.0, 0usize);
-    let mut curve = Vec::new();
-
-    if let Some(files) = files.filter(|f| args.resume && f.checkpoint.exists()) {
-        let checkpoint = Checkpoint::<f32>::load(&files.checkpoint)?;
-        let mut saved = checkpoint.config.clone();
-        saved.parallel_iterations = config.parallel_iterations;
-        saved.on_non_finite = config.on_non_finite;
-        if saved != config {
-            eprintln!(
-                "note: K={k}: the checkpoint was trained with {saved:?}; continuing with it \
-                 rather than with {config:?}"
-            );
-        }
-        let (o, rng) = checkpoint.restore(&mut learner)?;
-        learner.config.on_non_finite = policy; // this run's choice, not the saved one
-        opt = o;
-        sampler.set_rng(rng);
-        let progress = std::fs::read_to_string(&files.progress)
-            .ok()
-            .and_then(|text| serde_json::from_str::<Progress>(&text).ok());
-        match progress {
-            Some(p) if p.step == learner.meta_batches() => {
-                if p.meta_batch != args.meta_batch {
-                    return Err(format!(
-                        "K={k}: the checkpoint was trained with --meta-batch {}; resume with \
-                         the same value (this run has {})",
-                        p.meta_batch, args.meta_batch
-                    )
-                    .into());
-                }
-                curve = p.curve_bits.into_iter().map(f64::from_bits).collect();
-                window = (f64::from_bits(p.window_sum_bits), p.window_len);
-            }
-            _ => eprintln!(
-                "note: K={k}: {} is missing or not from step {}; the training curve restarts \
-                 here (the model does not)",
-                files.progress.display(),
-                learner.step
-            ),
-        }
-        eprintln!(
-            "meta-train K={k}: resumed from {} at meta-step {}",
-            files.checkpoint.display(),
-            learner.step
-        );
-    } else if let Some(files) = files {
-        if args.resume {
-            eprintln!(
-                "note: K={k}: no checkpoint at {}; training this model from step 0",
-                files.checkpoint.display()
-            );
-        } else if files.checkpoint.exists() {
-            common::note_overwrite(&files.checkpoint);
-        }
+    let mut trainer = Trainer::new(steps, args.meta_batch)
+        .name(format!("meta-train K={k}"))
+        .log(args.out.join(format!("train-k{k}.csv")));
+    if let Some(dir) = &args.checkpoint_dir {
+        trainer = trainer
+            .checkpoint_dir(dir)
+            .checkpoint_names(format!("checkpoint-k{k}.json"), format!("best-k{k}.json"))
+            .save_every(args.save_every.max(1))
+            .resume(args.resume);
     }
+    let summary = trainer.run(&mut learner, &mut Optimizer::adam(META_LR), &mut sampler)?;
+    Ok((learner, summary))
+}
 
-    // Under MPI every rank restored its own file: check they still agree.
-    learner.check_ranks()?;
-    // Counted in meta-batches drawn, so that skipped steps resume bit for bit.
-    let first = learner.meta_batches();
-    let total = steps.max(first);
-    let report_every = (total / 20).max(1);
-    let bar = common::progress_bar(format!("meta-train K={k}"), first, total)?;
-    let save = |learner: &Learner,
-                opt: &Optimizer<f32>,
-                sampler: &SinusoidSampler,
-                curve: &[f64],
-                window: (f64, usize)|
-     -> Result<(), Box<dyn Error>> {
-        let Some(files) = files else {
-            return Ok(());
-        };
-        let progress = Progress {
-            step: learner.meta_batches(),
-            meta_batch: args.meta_batch,
-            curve_bits: curve.iter().map(|v| v.to_bits()).collect(),
-            window_sum_bits: window.0.to_bits(),
-            window_len: window.1,
-        };
-        if !common::writes_files() {
-            return Ok(());
+/// The training curve: the mean post-update query MSE over each twentieth of the run
+/// (skipped steps left out), from the whole history, resumed or not.
+fn curve(history: &[StepRecord], total: u64) -> Vec<f64> {
+    let every = (total / 20).max(1);
+    let (mut curve, mut window) = (Vec::new(), (0.0, 0usize));
+    for r in history {
+        if !r.skipped {
+            window = (window.0 + r.loss, window.1 + 1);
         }
-        common::write_replace(&files.progress, &serde_json::to_string(&progress)?)?;
-        Checkpoint::capture(learner, opt, sampler.rng()).save(&files.checkpoint)?;
-        Ok(())
-    };
-    let t0 = Instant::now();
-    for step in first + 1..=total {
-        let batch = sampler.sample_batch(args.meta_batch)?;
-        let tasks = Task::<f32>::from_sinusoid(&batch);
-        let stats = learner.meta_step(&tasks, &mut opt)?;
-        if stats.skipped {
-            let message = format!(
-                "meta-train K={k}: step {step} skipped, its loss or update was not finite \
-                 ({} skipped so far)",
-                learner.skipped_steps
-            );
-            common::say(bar.as_ref(), message);
-        } else {
-            window.0 += stats.loss;
-            window.1 += 1;
-        }
-        if let Some(bar) = &bar {
-            bar.inc(1);
-            if step % 50 == 0 || step == total {
-                bar.set_message(format!("query MSE {:.4}", window.0 / window.1 as f64));
-            }
-        }
-        if step % report_every == 0 || step == total {
-            let mean = window.0 / window.1 as f64;
-            curve.push(mean);
-            if bar.is_none() {
-                eprintln!(
-                    "meta-train K={k}: step {step:>6}/{total}  post-update query MSE \
-                     (mean of last {}) {mean:.4}  [{:.1}s]",
-                    window.1,
-                    t0.elapsed().as_secs_f64()
-                );
-            }
+        if r.step % every == 0 || r.step == total {
+            curve.push(window.0 / window.1 as f64);
             window = (0.0, 0);
         }
-        if files.is_some() && step % args.save_every.max(1) == 0 && step < total {
-            save(&learner, &opt, &sampler, &curve, window)?;
-            let message = format!("meta-train K={k}: checkpoint saved at step {step}");
-            common::say(bar.as_ref(), message);
-        }
     }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let trained = total - first;
-    eprintln!(
-        "meta-train K={k}: {trained} steps in {:.1}s ({:.2} ms/step), final post-update \
-         query MSE {:.4}{}",
-        t0.elapsed().as_secs_f64(),
-        1e3 * t0.elapsed().as_secs_f64() / trained.max(1) as f64,
-        curve.last().copied().unwrap_or(f64::NAN),
-        if first > 0 {
-            format!(" (resumed at step {first} of {total})")
-        } else {
-            String::new()
-        }
-    );
-    save(&learner, &opt, &sampler, &curve, window)?;
-    if let Some(files) = files {
-        eprintln!(
-            "meta-train K={k}: checkpoint saved: {} (step {})",
-            files.checkpoint.display(),
-            learner.step
-        );
-    }
-    Ok(Trained {
-        learner,
-        curve,
-        resumed_from: first,
-    })
+    curve
 }
 
 /// Test-set query MSE (mean, 95% CI) after each of [`EVAL_STEPS`] inner steps.
@@ -364,44 +201,28 @@ fn evaluate(learner: &Learner, tasks: &[Task<f32>]) -> Result<Vec<Stat>, Box<dyn
         .collect()
 }
 
-/// Predictions on `grid` (`[n, 1]`) after adapting on the task's support set, one curve
-/// per entry of `steps`.
+/// Predictions on `grid` (`[n, 1]`) after adapting on the task's support set with each
+/// of `steps` inner steps (NaN where the adaptation diverged).
 fn predict_curves(
     learner: &Learner,
     task: &Task<f32>,
     grid: &ArrayD<f32>,
     steps: &[usize],
 ) -> Vec<Vec<f32>> {
-    let mut t = Tape::new();
-    let theta = learner.params.place(&mut t);
-    let mut ctx = Ctx::new(NormMode::Transductive);
-    let xs = t.constant(task.support_x.clone());
-    let most = steps.iter().copied().max().unwrap_or(0);
-    let inner = InnerLoop {
-        model: &learner.model,
-        rule: InnerRule::Sgd,
-        lr: INNER_LR,
-        steps: most,
-        create_graph: false,
+    let mode = NormMode::Transductive;
+    let predict = |s| -> metagrad::Result<Vec<f32>> {
+        let adapted = learner.adapt(&task.support_x, &task.support_y, s, mode)?;
+        Ok(adapted.logits(grid)?.iter().copied().collect())
     };
-    let traj = inner.adapt(&mut t, &theta, &[], xs, &task.support_y, &mut ctx);
-    let xg = t.constant(grid.clone());
-    t.no_grad(|t| {
-        steps
-            .iter()
-            .map(|&s| {
-                let out = learner.model.forward(t, &traj[s], xg, &mut ctx);
-                t.value(out).iter().copied().collect()
-            })
-            .collect()
-    })
+    let diverged = vec![f32::NAN; grid.len()];
+    steps
+        .iter()
+        .map(|&s| predict(s).unwrap_or_else(|_| diverged.clone()))
+        .collect()
 }
 
 /// One row of panels per trained model: three test tasks each.
-fn plot(
-    path: &std::path::Path,
-    rows: &[(usize, &Learner, &SinusoidBatch, &[Task<f32>])],
-) -> Result<(), Box<dyn Error>> {
+fn plot(path: &std::path::Path, rows: &[Trained]) -> Result<(), Box<dyn Error>> {
     let panels = 3usize;
     let root =
         SVGBackend::new(path, (420 * panels as u32, 340 * rows.len() as u32)).into_drawing_area();
@@ -413,7 +234,17 @@ fn plot(
         RGBColor(40, 160, 40),
         RGBColor(0, 90, 0),
     ];
-    for (r, (k, learner, batch, tasks)) in rows.iter().enumerate() {
+    for (
+        r,
+        Trained {
+            k,
+            learner,
+            batch,
+            tasks,
+            ..
+        },
+    ) in rows.iter().enumerate()
+    {
         for c in 0..panels {
             let area = &areas[r * panels + c];
             let truth = batch.task(c).ok_or("too few test tasks to plot")?;
@@ -493,30 +324,15 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
             "need --train-k of positive counts, --test-tasks >= 3, --meta-batch >= 1".into(),
         );
     }
-    let files: Vec<Option<CheckpointFiles>> = args
-        .train_k
-        .iter()
-        .map(|&k| {
-            args.checkpoint_dir
-                .as_ref()
-                .map(|d| CheckpointFiles::new(d, k))
-        })
-        .collect();
-    if let Some(dir) = &args.checkpoint_dir {
-        std::fs::create_dir_all(dir)?;
-        if args.resume && !files.iter().flatten().any(|f| f.checkpoint.exists()) {
-            let names: Vec<String> = files
-                .iter()
-                .flatten()
-                .filter_map(|f| f.checkpoint.file_name())
-                .map(|n| n.to_string_lossy().into_owned())
-                .collect();
+    if let Some(dir) = args.checkpoint_dir.as_ref().filter(|_| args.resume) {
+        let names: Vec<String> = args
+            .train_k
+            .iter()
+            .map(|k| format!("checkpoint-k{k}.json"))
+            .collect();
+        if !names.iter().any(|n| dir.join(n).exists()) {
             return Err(metagrad::Error::NotFound {
-                path: files
-                    .iter()
-                    .flatten()
-                    .next()
-                    .map_or(dir.clone(), |f| f.checkpoint.clone()),
+                path: dir.join(&names[0]),
                 hint: format!(
                     "--resume: no checkpoint of this run has been saved in {} (looked for {}); \
                      check --checkpoint-dir and --train-k, or start without --resume.",
@@ -543,14 +359,10 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
          {TEST_QUERY} query points, adapting with SGD lr {INNER_LR}."
     );
 
-    let mut results = Vec::new();
     let mut models = Vec::new();
-    let mut resumed_from = Vec::new();
-    for (&k, files) in args.train_k.iter().zip(&files) {
+    for &k in &args.train_k {
         let t0 = Instant::now();
-        let trained = train(&args, steps, k, files.as_ref())?;
-        let (learner, curve) = (trained.learner, trained.curve);
-        resumed_from.push(trained.resumed_from);
+        let (learner, summary) = train(&args, steps, k)?;
         let train_s = t0.elapsed().as_secs_f64();
         let batch =
             SinusoidSampler::new(k, TEST_QUERY, TEST_SEED + k as u64)?.sample_batch(n_test)?;
@@ -558,8 +370,16 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         let t1 = Instant::now();
         let mse = evaluate(&learner, &tasks)?;
         let eval_s = t1.elapsed().as_secs_f64();
-        results.push((k, mse, curve, train_s, eval_s));
-        models.push((k, learner, batch, tasks));
+        models.push(Trained {
+            k,
+            learner,
+            summary,
+            batch,
+            tasks,
+            mse,
+            train_s,
+            eval_s,
+        });
     }
 
     println!();
@@ -576,7 +396,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         );
     }
     println!();
-    for (k, mse, _, _, _) in &results {
+    for Trained { k, mse, .. } in &models {
         print!("{:<26}", format!("K={k} (meta-trained K={k})"));
         for st in mse {
             let div = if st.diverged > 0 {
@@ -599,47 +419,39 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     );
 
     let svg = args.out.join("sinusoid.svg");
-    let rows: Vec<(usize, &Learner, &SinusoidBatch, &[Task<f32>])> = models
-        .iter()
-        .map(|(k, l, b, t)| (*k, l, b, t.as_slice()))
-        .collect();
     if common::writes_files() {
-        plot(&svg, &rows)?;
+        plot(&svg, &models)?;
     }
     println!("plot: {}", svg.display());
 
     let elapsed = start.elapsed().as_secs_f64();
     println!("total wall-clock time: {elapsed:.1}s");
-    let per_k: Vec<_> = results
+    let per_k: Vec<_> = models
         .iter()
-        .zip(&resumed_from)
-        .zip(&models)
-        .map(
-            |(((k, mse, curve, train_s, eval_s), first), (_, learner, _, _))| {
-                let by_steps: Vec<_> = EVAL_STEPS
-                    .iter()
-                    .zip(mse)
-                    .map(|(s, st)| {
-                        json!({ "inner_steps": s, "mse": st.mean, "ci95": st.ci,
-                            "median": st.median, "diverged": st.diverged })
-                    })
-                    .collect();
-                let mut entry = json!({
-                    "k": k,
-                    "meta_trained_k": k,
-                    "test_mse_after_steps": by_steps,
-                    "train_curve_post_update_mse": curve,
-                    "train_seconds": train_s,
-                    "eval_seconds": eval_s,
-                    "skipped_steps": learner.skipped_steps,
-                    "params_digest": format!("{:016x}", learner.params.digest()),
-                });
-                if args.checkpoint_dir.is_some() {
-                    entry["resumed_from_step"] = json!(first);
-                }
-                entry
-            },
-        )
+        .map(|m| {
+            let by_steps: Vec<_> = EVAL_STEPS
+                .iter()
+                .zip(&m.mse)
+                .map(|(s, st)| {
+                    json!({ "inner_steps": s, "mse": st.mean, "ci95": st.ci,
+                        "median": st.median, "diverged": st.diverged })
+                })
+                .collect();
+            let mut entry = json!({
+                "k": m.k,
+                "meta_trained_k": m.k,
+                "test_mse_after_steps": by_steps,
+                "train_curve_post_update_mse": curve(&m.summary.history, m.summary.steps),
+                "train_seconds": m.train_s,
+                "eval_seconds": m.eval_s,
+                "skipped_steps": m.learner.skipped_steps,
+                "params_digest": format!("{:016x}", m.learner.params.digest()),
+            });
+            if args.checkpoint_dir.is_some() {
+                entry["resumed_from_step"] = json!(m.summary.first_step);
+            }
+            entry
+        })
         .collect();
     let mut result = json!({
         "example": "sinusoid",

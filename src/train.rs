@@ -40,8 +40,12 @@
 //! directory: parameters, optimiser, statistics, the task source's random state, the
 //! schedule's position, the best score and the patience counter, so the rest of the run
 //! is bit for bit what an uninterrupted one would have done. The log keeps its history:
-//! rows written after that checkpoint (by a run that was then killed) are dropped, and
-//! the resumed run appends.
+//! rows written after that checkpoint (by a run that was then killed) are dropped, the
+//! resumed run appends, and its times continue from the last row kept. The rows kept are
+//! read back exactly into [`Summary::history`], so that a curve drawn from it covers the
+//! whole run. The checkpoint's configuration replaces the learner's (a note on stderr says
+//! what changes), except for `parallel_iterations` and `on_non_finite`, which are this
+//! run's choice; a checkpoint taken with another meta-batch size is refused.
 //!
 //! # Under MPI
 //! Every rank runs the loop (each computes its share of every meta-batch); only the root
@@ -50,11 +54,10 @@
 use crate::checkpoint::Checkpoint;
 use crate::data::{EpisodeSampler, SamplerRng, SinusoidSampler};
 use crate::eval::{confidence_interval, evaluate};
-use crate::meta::{MetaLearner, Optimizer, StepStats, Task};
+use crate::meta::{CgStats, MetaLearner, NonFinite, Optimizer, StepStats, Task};
 use crate::nn::{Model, NormMode};
 use crate::{Error, Float, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -242,11 +245,37 @@ impl Validation {
     }
 }
 
+/// One meta-step of a run, as the log holds it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct StepRecord {
+    /// Meta-batches consumed after this step (1 for the first step of a run).
+    pub step: u64,
+    /// Mean query loss after adaptation (what was measured, for a skipped step).
+    pub loss: f64,
+    /// Mean query accuracy after adaptation (classification).
+    pub accuracy: Option<f64>,
+    /// Whether the meta-gradient was second order.
+    pub second_order: bool,
+    /// Whether the step was skipped (see `MetaConfig::on_non_finite`).
+    pub skipped: bool,
+    /// iMAML's conjugate gradient, the worst over the meta-batch.
+    pub cg: Option<CgStats>,
+    /// The outer learning rate of the step.
+    pub lr: f64,
+    /// Seconds of training when the step ended, from the start of the run (the time
+    /// before a resume included).
+    pub seconds: f64,
+}
+
 /// What a run did.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Summary {
     /// Meta-batches consumed in all (steps taken plus skipped), the resumed part included.
     pub steps: u64,
+    /// Where this call started: 0, or the step of the checkpoint it resumed from.
+    pub first_step: u64,
     /// Steps skipped because they were not finite (see `MetaConfig::on_non_finite`).
     pub skipped: u64,
     /// Every validation, the resumed part included.
@@ -259,10 +288,19 @@ pub struct Summary {
     pub stopped_early: bool,
     /// The statistics of the last step.
     pub last: Option<StepStats>,
-    /// The mean training query loss over the last tenth of this call's steps (at least
-    /// one; skipped steps left out): where training ended.
+    /// Every step, in order. After a resume, the steps before it are read back (bit for
+    /// bit) from the log; without a [`log`](Trainer::log) there is no such record, and
+    /// the history starts at [`first_step`](Self::first_step). Under MPI only the root
+    /// rank, which writes the log, reads it back.
+    pub history: Vec<StepRecord>,
+    /// Seconds this call spent training (validation and checkpoints included).
+    pub seconds: f64,
+    /// The mean training query loss over the last tenth of the run's steps (at least one;
+    /// skipped steps left out), from the history: where training ended (NaN when the
+    /// history has no such step).
     pub final_loss: f64,
-    /// The same for the training query accuracy (classification).
+    /// The same for the training query accuracy (classification; `None` also when the
+    /// history has no step that was not skipped).
     pub final_accuracy: Option<f64>,
 }
 
@@ -274,6 +312,9 @@ struct TrainerState {
     best: Option<f64>,
     best_step: Option<u64>,
     since_best: u64,
+    /// Tasks per meta-batch (absent from checkpoints of version 0.2.0).
+    #[serde(default)]
+    meta_batch: Option<usize>,
 }
 
 /// A meta-training loop, configured with the builder methods and started with
@@ -294,6 +335,8 @@ pub struct Trainer<F> {
     log: Option<PathBuf>,
     progress: Progress,
     name: String,
+    last_name: String,
+    best_name: String,
 }
 
 /// The checkpoint of the last step, in the checkpoint directory.
@@ -321,6 +364,8 @@ impl<F: Float> Trainer<F> {
             log: None,
             progress: Progress::Auto,
             name: "meta-train".into(),
+            last_name: LAST_CHECKPOINT.into(),
+            best_name: BEST_CHECKPOINT.into(),
         }
     }
 
@@ -366,13 +411,24 @@ impl<F: Float> Trainer<F> {
         self
     }
 
+    /// The file names of the last and the best checkpoint in the checkpoint directory
+    /// (default [`LAST_CHECKPOINT`] and [`BEST_CHECKPOINT`]), so that several runs can
+    /// share a directory.
+    pub fn checkpoint_names(mut self, last: impl Into<String>, best: impl Into<String>) -> Self {
+        self.last_name = last.into();
+        self.best_name = best.into();
+        self
+    }
+
     /// Steps between checkpoints of the last step (0: only at the end).
     pub fn save_every(mut self, steps: u64) -> Self {
         self.save_every = steps;
         self
     }
 
-    /// Continues from `last.json` in the checkpoint directory when there is one.
+    /// Continues from `last.json` in the checkpoint directory when there is one (a note
+    /// on stderr says when there is none, and the run starts from step 0). Without it, an
+    /// existing `last.json` is overwritten by the new run, and a note says so.
     pub fn resume(mut self, resume: bool) -> Self {
         self.resume = resume;
         self
@@ -421,6 +477,9 @@ impl<F: Float> Trainer<F> {
                     .into(),
             ));
         }
+        if self.last_name.is_empty() || self.best_name.is_empty() {
+            return Err(Error::Config("checkpoint names cannot be empty".into()));
+        }
         if self.resume && self.dir.is_none() {
             return Err(Error::Config(
                 "resuming needs a checkpoint directory (Trainer::checkpoint_dir)".into(),
@@ -436,8 +495,9 @@ impl<F: Float> Trainer<F> {
     /// # Errors
     /// [`Error::Config`] for a configuration that cannot work (no validation tasks to
     /// validate on, no directory to resume from, a best model by accuracy on regression
-    /// tasks); whatever a step, the task source, a checkpoint or the log returns. A step's
-    /// error leaves the last checkpoint as it was.
+    /// tasks, a checkpoint of another meta-batch size); whatever a step, the task source,
+    /// a checkpoint or the log returns. A step's error leaves the last checkpoint as it
+    /// was.
     pub fn run<M, S>(
         &self,
         learner: &mut MetaLearner<F, M>,
@@ -450,50 +510,67 @@ impl<F: Float> Trainer<F> {
     {
         self.check()?;
         let root = learner.comm().is_root();
+        let note = |message: String| {
+            if root {
+                eprintln!("{}: {message}", self.name);
+            }
+        };
         let mut state = TrainerState {
             base_lr: opt.lr,
             validations: Vec::new(),
             best: None,
             best_step: None,
             since_best: 0,
+            meta_batch: Some(self.meta_batch),
         };
-        let last_path = self.dir.as_ref().map(|d| d.join(LAST_CHECKPOINT));
-        if let Some(path) = last_path.as_ref().filter(|p| self.resume && p.exists()) {
-            let checkpoint = Checkpoint::<F>::load(path)?;
-            let saved: Option<TrainerState> = checkpoint
-                .extras
-                .get("trainer")
-                .and_then(|t| serde_json::from_value(t.clone()).ok());
-            let changes = checkpoint.config_changes(&learner.config);
-            if root && !changes.is_empty() {
-                eprintln!(
-                    "{}: the checkpoint's configuration replaces this run's: {}",
-                    self.name,
-                    changes.join(", ")
-                );
+        let last_path = self.dir.as_ref().map(|d| d.join(&self.last_name));
+        match &last_path {
+            Some(path) if self.resume && path.exists() => {
+                let saved = self.restore(path, learner, opt, source, &note)?;
+                // A checkpoint without the trainer's state (one the user took) continues
+                // with its own optimiser's rate.
+                state = saved.unwrap_or(TrainerState {
+                    base_lr: opt.lr,
+                    ..state
+                });
+                state.meta_batch = Some(self.meta_batch);
             }
-            let (o, rng) = checkpoint.restore(learner)?;
-            *opt = o;
-            source.set_rng(rng)?;
-            if let Some(s) = saved {
-                state = s;
-            }
-            learner.check_ranks()?;
-            if root {
-                eprintln!(
-                    "{}: resumed from {} at step {}",
-                    self.name,
-                    path.display(),
-                    learner.meta_batches()
-                );
-            }
+            Some(path) if self.resume => note(format!(
+                "no checkpoint at {}; starting from step 0",
+                path.display()
+            )),
+            Some(path) if path.exists() => note(format!(
+                "{} exists and will be overwritten by this new run (resume to continue it \
+                 instead)",
+                path.display()
+            )),
+            _ => {}
         }
         let first = learner.meta_batches();
-        let mut log = match (&self.log, root) {
-            (Some(path), true) => Some(Log::open(path, first)?),
-            _ => None,
+        let (mut log, mut history, seconds_before) = match &self.log {
+            Some(path) => {
+                // The root rank rewrites the log: only it reads it back.
+                let kept = if root {
+                    Log::read(path, first)
+                } else {
+                    Vec::new()
+                };
+                let history = kept.iter().filter_map(StepRecord::from_row).collect();
+                let seconds = kept
+                    .iter()
+                    .filter_map(|r| number(&r["seconds"]))
+                    .fold(0.0, f64::max);
+                let log = if root {
+                    Some(Log::create(path, &kept)?)
+                } else {
+                    None
+                };
+                (log, history, seconds)
+            }
+            None => (None, Vec::new(), 0.0),
         };
-        let mut shown = Shown::new(self.progress, &self.name, first, self.steps);
+        let mode = if root { self.progress } else { Progress::Off };
+        let mut shown = Shown::new(mode, &self.name, first, self.steps);
         let save = |learner: &MetaLearner<F, M>,
                     opt: &Optimizer<F>,
                     source: &S,
@@ -514,8 +591,6 @@ impl<F: Float> Trainer<F> {
         };
 
         let mut last = None;
-        let mut recent: VecDeque<StepStats> = VecDeque::new();
-        let tail = (self.steps.saturating_sub(first) / 10).max(1) as usize;
         let mut stopped_early = false;
         let t0 = Instant::now();
         for step in first..self.steps {
@@ -523,23 +598,28 @@ impl<F: Float> Trainer<F> {
             let tasks = source.next_batch(self.meta_batch)?;
             let stats = learner.meta_step(&tasks, opt)?;
             last = Some(stats);
-            if !stats.skipped {
-                recent.push_back(stats);
-                if recent.len() > tail {
-                    recent.pop_front();
-                }
-            }
             let done = step + 1;
+            let record = StepRecord {
+                step: done,
+                loss: stats.loss,
+                accuracy: stats.accuracy,
+                second_order: stats.second_order,
+                skipped: stats.skipped,
+                cg: stats.cg,
+                lr: opt.lr,
+                seconds: seconds_before + t0.elapsed().as_secs_f64(),
+            };
             if let Some(log) = log.as_mut() {
-                log.step(done, &stats, opt.lr, t0.elapsed().as_secs_f64())?;
+                log.write(record.row())?;
             }
-            shown.step(done, &stats);
+            history.push(record);
+            shown.step(&record);
             let validate =
                 self.validate_every > 0 && (done % self.validate_every == 0 || done == self.steps);
             if validate {
                 let v = self.validate(learner, done)?;
                 if let Some(log) = log.as_mut() {
-                    log.validation(&v, t0.elapsed().as_secs_f64())?;
+                    log.write(v.row(seconds_before + t0.elapsed().as_secs_f64()))?;
                 }
                 shown.validation(&v);
                 if let Some(metric) = self.best_by {
@@ -553,7 +633,7 @@ impl<F: Float> Trainer<F> {
                         state.best_step = Some(done);
                         state.since_best = 0;
                         state.validations.push(v);
-                        save(learner, opt, source, &state, BEST_CHECKPOINT)?;
+                        save(learner, opt, source, &state, &self.best_name)?;
                     } else {
                         state.since_best += 1;
                         state.validations.push(v);
@@ -571,13 +651,44 @@ impl<F: Float> Trainer<F> {
                 }
             }
             if self.save_every > 0 && done % self.save_every == 0 && done < self.steps {
-                save(learner, opt, source, &state, LAST_CHECKPOINT)?;
+                save(learner, opt, source, &state, &self.last_name)?;
+                shown.note(&format!("checkpoint saved at step {done}"));
             }
         }
-        save(learner, opt, source, &state, LAST_CHECKPOINT)?;
-        shown.finish(learner.meta_batches(), learner.skipped_steps);
+        save(learner, opt, source, &state, &self.last_name)?;
+        if let Some(path) = &last_path {
+            note(format!(
+                "checkpoint saved: {} (step {})",
+                path.display(),
+                learner.meta_batches()
+            ));
+        }
+        // The last tenth of the run's steps, skipped ones left out.
+        let tail = (learner.meta_batches() / 10).max(1) as usize;
+        let mut recent: Vec<&StepRecord> = history
+            .iter()
+            .rev()
+            .filter(|r| !r.skipped)
+            .take(tail)
+            .collect();
+        recent.reverse();
+        let final_loss = recent.iter().map(|r| r.loss).sum::<f64>() / recent.len() as f64;
+        let final_accuracy = recent
+            .iter()
+            .map(|r| r.accuracy)
+            .sum::<Option<f64>>()
+            .filter(|_| !recent.is_empty())
+            .map(|a| a / recent.len() as f64);
+        shown.finish(
+            learner.meta_batches() - first,
+            learner.skipped_steps,
+            first,
+            final_loss,
+            final_accuracy,
+        );
         Ok(Summary {
             steps: learner.meta_batches(),
+            first_step: first,
             skipped: learner.skipped_steps,
             best: state.best.map(|b| match self.best_by {
                 Some(Metric::Loss) => -b,
@@ -587,13 +698,74 @@ impl<F: Float> Trainer<F> {
             validations: state.validations,
             stopped_early,
             last,
-            final_loss: recent.iter().map(|s| s.loss).sum::<f64>() / recent.len() as f64,
-            final_accuracy: recent
-                .iter()
-                .map(|s| s.accuracy)
-                .sum::<Option<f64>>()
-                .map(|a| a / recent.len() as f64),
+            history,
+            seconds: t0.elapsed().as_secs_f64(),
+            final_loss,
+            final_accuracy,
         })
+    }
+
+    /// Restores the learner, optimiser and task source from the checkpoint at `path`,
+    /// noting what it changes; returns the trainer's saved state, if it has one.
+    fn restore<M, S>(
+        &self,
+        path: &Path,
+        learner: &mut MetaLearner<F, M>,
+        opt: &mut Optimizer<F>,
+        source: &mut S,
+        note: &dyn Fn(String),
+    ) -> Result<Option<TrainerState>>
+    where
+        M: Model<F> + Debug,
+        S: TaskSource<F> + ?Sized,
+    {
+        let checkpoint = Checkpoint::<F>::load(path)?;
+        let saved: Option<TrainerState> = checkpoint
+            .extras
+            .get("trainer")
+            .and_then(|t| serde_json::from_value(t.clone()).ok());
+        if let Some(m) = saved.as_ref().and_then(|s| s.meta_batch) {
+            if m != self.meta_batch {
+                return Err(Error::Config(format!(
+                    "{} was trained with meta-batches of {m} tasks, this run asks for {}: \
+                     resume with the same size (or start a new run)",
+                    path.display(),
+                    self.meta_batch
+                )));
+            }
+        }
+        // Whether a non-finite step is skipped or refused is this run's choice.
+        let policy: NonFinite = learner.config.on_non_finite;
+        let changes: Vec<String> = checkpoint
+            .config_changes(&learner.config)
+            .into_iter()
+            .filter(|c| !c.starts_with("on_non_finite:"))
+            .collect();
+        if !changes.is_empty() {
+            note(format!(
+                "the checkpoint's configuration replaces this run's: {}",
+                changes.join(", ")
+            ));
+        }
+        let given_lr = opt.lr;
+        let (o, rng) = checkpoint.restore(learner)?;
+        learner.config.on_non_finite = policy;
+        *opt = o;
+        source.set_rng(rng)?;
+        let base_lr = saved.as_ref().map_or(opt.lr, |s| s.base_lr);
+        if base_lr != given_lr {
+            note(format!(
+                "continuing with the checkpoint's outer learning rate {base_lr} (this run \
+                 gave {given_lr})"
+            ));
+        }
+        learner.check_ranks()?;
+        note(format!(
+            "resumed from {} at step {}",
+            path.display(),
+            learner.meta_batches()
+        ));
+        Ok(saved)
     }
 
     /// The validation tasks' mean after `step`.
@@ -630,6 +802,67 @@ impl<F: Float> Trainer<F> {
     }
 }
 
+impl StepRecord {
+    /// The log's row.
+    fn row(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "step", "step": self.step, "loss": finite_or_null(self.loss),
+            "accuracy": self.accuracy, "second_order": self.second_order,
+            "skipped": self.skipped, "cg_iterations": self.cg.map(|c| c.iterations),
+            "cg_residual": self.cg.map(|c| finite_or_null(c.residual)),
+            "cg_unconverged": self.cg.map(|c| c.unconverged), "lr": self.lr,
+            "seconds": self.seconds,
+        })
+    }
+
+    /// Reads a step row of the log back (none for a validation row).
+    fn from_row(row: &serde_json::Value) -> Option<StepRecord> {
+        if row["kind"] != "step" {
+            return None;
+        }
+        let cg = match (
+            row["cg_iterations"].as_u64(),
+            row["cg_unconverged"].as_u64(),
+        ) {
+            (Some(iterations), Some(unconverged)) => Some(CgStats {
+                iterations: iterations as usize,
+                residual: number(&row["cg_residual"]).unwrap_or(f64::NAN),
+                unconverged: unconverged as usize,
+            }),
+            _ => None,
+        };
+        Some(StepRecord {
+            step: row["step"].as_u64()?,
+            loss: number(&row["loss"])?,
+            accuracy: number(&row["accuracy"]),
+            second_order: row["second_order"].as_bool().unwrap_or(false),
+            skipped: row["skipped"].as_bool().unwrap_or(false),
+            cg,
+            lr: number(&row["lr"]).unwrap_or(f64::NAN),
+            seconds: number(&row["seconds"]).unwrap_or(0.0),
+        })
+    }
+}
+
+impl Validation {
+    /// The log's row, at `seconds` of training.
+    fn row(&self, seconds: f64) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "validation", "step": self.step, "loss": finite_or_null(self.loss),
+            "accuracy": self.accuracy, "ci95": finite_or_null(self.ci95),
+            "diverged": self.diverged, "seconds": seconds,
+        })
+    }
+}
+
+/// A number of a log row: a JSON number, or a non-finite one written as its name.
+fn number(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::String(s) => s.parse().ok(),
+        v => v.as_f64(),
+    }
+}
+
 /// The log file: one row per step and per validation, CSV or JSON lines.
 struct Log {
     path: PathBuf,
@@ -637,54 +870,71 @@ struct Log {
     json: bool,
 }
 
-const CSV_HEADER: &str = "kind,step,loss,accuracy,ci95,diverged,second_order,skipped,lr,seconds";
+const CSV_HEADER: &str = "kind,step,loss,accuracy,ci95,diverged,second_order,skipped,\
+                          cg_iterations,cg_residual,cg_unconverged,lr,seconds";
+
+/// Whether the log at `path` is JSON lines (else CSV).
+fn is_json(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "json")
+    )
+}
 
 impl Log {
-    /// Opens `path` for a run starting after `first` steps: rows of later steps (written
-    /// by a run that was stopped after its last checkpoint) are dropped, the rest kept.
-    fn open(path: &Path, first: u64) -> Result<Log> {
+    /// The rows of the log at `path` that a run resumed after `first` steps keeps: those
+    /// up to that step (later ones were written by a run stopped after its last
+    /// checkpoint). None for a new run or a log that cannot be read. A CSV row is read by
+    /// its file's header, so a log with other columns reads too.
+    fn read(path: &Path, first: u64) -> Vec<serde_json::Value> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) if first > 0 => text,
+            _ => return Vec::new(),
+        };
+        let json = is_json(path);
+        let mut header: Vec<&str> = Vec::new();
+        let mut rows = Vec::new();
+        for line in text.lines() {
+            let row = if json {
+                serde_json::from_str(line).ok()
+            } else if line.starts_with("kind,") {
+                header = line.split(',').collect();
+                None
+            } else {
+                let cells = header.iter().zip(line.split(','));
+                Some(serde_json::Value::Object(
+                    cells.map(|(k, c)| (k.to_string(), csv_cell(c))).collect(),
+                ))
+            };
+            if let Some(row) = row.filter(|r| r["step"].as_u64().is_some_and(|s| s <= first)) {
+                rows.push(row);
+            }
+        }
+        rows
+    }
+
+    /// Creates the log at `path` with the rows `kept` (see [`read`](Self::read)).
+    fn create(path: &Path, kept: &[serde_json::Value]) -> Result<Log> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
             source,
         };
-        let json = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("jsonl" | "json")
-        );
-        let mut kept = String::new();
-        if first > 0 {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                for line in text.lines() {
-                    if Self::row_step(line, json).is_some_and(|s| s <= first) {
-                        kept.push_str(line);
-                        kept.push('\n');
-                    }
-                }
-            }
-        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut file = std::fs::File::create(path).map_err(io)?;
-        if !json {
-            writeln!(file, "{CSV_HEADER}").map_err(io)?;
-        }
-        file.write_all(kept.as_bytes()).map_err(io)?;
-        Ok(Log {
+        let file = std::fs::File::create(path).map_err(io)?;
+        let mut log = Log {
             path: path.to_path_buf(),
             file,
-            json,
-        })
-    }
-
-    /// The step of a data row (none for the header or a line that is not a row).
-    fn row_step(line: &str, json: bool) -> Option<u64> {
-        if json {
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            v.get("step")?.as_u64()
-        } else {
-            line.split(',').nth(1)?.parse().ok()
+            json: is_json(path),
+        };
+        if !log.json {
+            writeln!(log.file, "{CSV_HEADER}").map_err(io)?;
         }
+        for row in kept {
+            log.write(row.clone())?;
+        }
+        Ok(log)
     }
 
     fn write(&mut self, row: serde_json::Value) -> Result<()> {
@@ -707,21 +957,22 @@ impl Log {
             source,
         })
     }
+}
 
-    fn step(&mut self, step: u64, s: &StepStats, lr: f64, seconds: f64) -> Result<()> {
-        self.write(serde_json::json!({
-            "kind": "step", "step": step, "loss": finite_or_null(s.loss),
-            "accuracy": s.accuracy, "second_order": s.second_order, "skipped": s.skipped,
-            "lr": lr, "seconds": seconds,
-        }))
-    }
-
-    fn validation(&mut self, v: &Validation, seconds: f64) -> Result<()> {
-        self.write(serde_json::json!({
-            "kind": "validation", "step": v.step, "loss": finite_or_null(v.loss),
-            "accuracy": v.accuracy, "ci95": finite_or_null(v.ci95), "diverged": v.diverged,
-            "seconds": seconds,
-        }))
+/// A CSV cell as the JSON value it was written from: empty is null, then booleans,
+/// integers and numbers (exactly: both are written shortest-round-trip), else text.
+fn csv_cell(cell: &str) -> serde_json::Value {
+    match cell {
+        "" => serde_json::Value::Null,
+        "true" => true.into(),
+        "false" => false.into(),
+        _ => cell
+            .parse::<u64>()
+            .map(Into::into)
+            .or_else(|_| cell.parse::<f64>().map(|v| serde_json::json!(v)))
+            .ok()
+            .filter(|v| !v.is_null())
+            .unwrap_or_else(|| cell.into()),
     }
 }
 
@@ -741,7 +992,9 @@ struct Shown {
     name: String,
     total: u64,
     every: u64,
-    window: (f64, f64, usize),
+    /// Sums over the steps since the last line: loss, accuracy, steps, the largest CG
+    /// residual.
+    window: (f64, f64, usize, Option<f64>),
     last_draw: Instant,
     start: Instant,
 }
@@ -754,24 +1007,28 @@ impl Shown {
             name: name.to_string(),
             total,
             every: (total.saturating_sub(first) / 20).max(1),
-            window: (0.0, 0.0, 0),
+            window: (0.0, 0.0, 0, None),
             last_draw: Instant::now(),
             start: Instant::now(),
         }
     }
 
-    fn step(&mut self, step: u64, s: &StepStats) {
+    fn step(&mut self, r: &StepRecord) {
         if self.mode == Progress::Off {
             return;
         }
-        if !s.skipped {
-            self.window.0 += s.loss;
-            self.window.1 += s.accuracy.unwrap_or(f64::NAN);
+        let step = r.step;
+        if !r.skipped {
+            self.window.0 += r.loss;
+            self.window.1 += r.accuracy.unwrap_or(f64::NAN);
             self.window.2 += 1;
         } else {
             self.note(&format!(
                 "step {step} skipped: its loss or update was not finite"
             ));
+        }
+        if let Some(cg) = r.cg {
+            self.window.3 = Some(self.window.3.map_or(cg.residual, |w| w.max(cg.residual)));
         }
         let due = if self.terminal {
             self.last_draw.elapsed().as_millis() >= 200 || step == self.total
@@ -784,7 +1041,7 @@ impl Shown {
         let n = self.window.2.max(1) as f64;
         let acc = self.window.1 / n;
         let line = format!(
-            "{}: step {step}/{} loss {:.4}{} [{:.0}s]",
+            "{}: step {step}/{} loss {:.4}{}{} [{:.0}s]",
             self.name,
             self.total,
             self.window.0 / n,
@@ -793,6 +1050,9 @@ impl Shown {
             } else {
                 format!(" accuracy {:.1}%", 100.0 * acc)
             },
+            self.window
+                .3
+                .map_or(String::new(), |r| format!(" CG residual <= {r:.2e}")),
             self.start.elapsed().as_secs_f64()
         );
         if self.terminal {
@@ -800,7 +1060,7 @@ impl Shown {
             self.last_draw = Instant::now();
         } else {
             eprintln!("{line}");
-            self.window = (0.0, 0.0, 0);
+            self.window = (0.0, 0.0, 0, None);
         }
     }
 
@@ -825,18 +1085,28 @@ impl Shown {
         }
     }
 
-    fn finish(&mut self, steps: u64, skipped: u64) {
+    /// The last line: `steps` taken by this call after `first`, and where training ended.
+    fn finish(&mut self, steps: u64, skipped: u64, first: u64, loss: f64, accuracy: Option<f64>) {
         if self.terminal {
             eprintln!();
         }
-        let skipped = if skipped > 0 {
-            format!(" ({skipped} skipped)")
-        } else {
-            String::new()
-        };
-        self.note(&format!(
-            "{steps} steps{skipped} in {:.1}s",
-            self.start.elapsed().as_secs_f64()
-        ));
+        let seconds = self.start.elapsed().as_secs_f64();
+        let mut line = format!("{steps} steps in {seconds:.1}s");
+        if steps > 0 {
+            line.push_str(&format!(" ({:.2} ms/step)", 1e3 * seconds / steps as f64));
+        }
+        if !loss.is_nan() {
+            line.push_str(&format!(", final loss {loss:.4}"));
+        }
+        if let Some(a) = accuracy {
+            line.push_str(&format!(" accuracy {:.1}%", 100.0 * a));
+        }
+        if skipped > 0 {
+            line.push_str(&format!(" ({skipped} skipped in all)"));
+        }
+        if first > 0 {
+            line.push_str(&format!(" (resumed at step {first} of {})", self.total));
+        }
+        self.note(&line);
     }
 }

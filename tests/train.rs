@@ -119,6 +119,20 @@ fn a_killed_run_resumes_bit_for_bit_with_its_history() {
     assert_eq!(opt2, opt, "optimiser bitwise");
     assert_eq!(resumed.config, l.config);
     assert_eq!(got.validations, want.validations, "the whole history");
+    // Every step, those before the resume read back from the log bit for bit.
+    assert_eq!(got.first_step, 4);
+    assert_eq!(got.history.len(), 10);
+    let no_time = |s: &metagrad::train::Summary| {
+        s.history
+            .iter()
+            .map(|r| (r.step, r.loss.to_bits(), r.skipped, r.lr.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(no_time(&got), no_time(&want));
+    assert_eq!(got.final_loss.to_bits(), want.final_loss.to_bits());
+    // The resumed run's times continue from the rows kept.
+    let seconds: Vec<f64> = got.history.iter().map(|r| r.seconds).collect();
+    assert!(seconds.windows(2).all(|w| w[0] <= w[1]), "{seconds:?}");
     assert_eq!((got.best, got.best_step), (want.best, want.best_step));
     assert_eq!(rows(&killed.join("log.csv")), rows(&whole.join("log.csv")));
     for d in [whole, killed] {
@@ -163,7 +177,8 @@ fn the_best_model_is_kept_and_the_log_says_what_happened() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[0],
-        "kind,step,loss,accuracy,ci95,diverged,second_order,skipped,lr,seconds"
+        "kind,step,loss,accuracy,ci95,diverged,second_order,skipped,cg_iterations,\
+         cg_residual,cg_unconverged,lr,seconds"
     );
     assert_eq!(lines.iter().filter(|l| l.starts_with("step,")).count(), 12);
     assert_eq!(
@@ -176,7 +191,7 @@ fn the_best_model_is_kept_and_the_log_says_what_happened() {
     let lr: Vec<f64> = lines
         .iter()
         .filter(|l| l.starts_with("step,"))
-        .map(|l| l.split(',').nth(8).unwrap().parse().unwrap())
+        .map(|l| l.split(',').nth(11).unwrap().parse().unwrap())
         .collect();
     assert_eq!(lr[0], 1e-2);
     let cosine = Schedule::Cosine { min_lr: 1e-4 };
@@ -233,17 +248,44 @@ fn schedules_and_json_lines() {
         *rng = s.rng().clone();
         Ok(Task::from_sinusoid(&batch))
     });
-    Trainer::new(3, 2)
-        .log(d.join("log.jsonl"))
-        .progress(Progress::Off)
+    let jsonl = |steps: u64, resume: bool| {
+        Trainer::new(steps, 2)
+            .log(d.join("log.jsonl"))
+            .checkpoint_dir(&d)
+            .resume(resume)
+            .progress(Progress::Off)
+    };
+    let straight = jsonl(5, false)
         .run(&mut learner(), &mut Optimizer::adam(1e-3), &mut source)
         .unwrap();
+    // Three steps, then resumed to five: the history is read back from JSON lines.
+    let mut source = from_fn(5, |rng, n| {
+        let mut s = SinusoidSampler::new(5, 5, 0)?;
+        s.set_rng(rng.clone());
+        let batch = s.sample_batch(n)?;
+        *rng = s.rng().clone();
+        Ok(Task::from_sinusoid(&batch))
+    });
+    jsonl(3, false)
+        .run(&mut learner(), &mut Optimizer::adam(1e-3), &mut source)
+        .unwrap();
+    let resumed = jsonl(5, true)
+        .run(&mut learner(), &mut Optimizer::adam(1e-3), &mut source)
+        .unwrap();
+    assert_eq!(resumed.first_step, 3);
+    let losses = |s: &metagrad::train::Summary| {
+        s.history
+            .iter()
+            .map(|r| (r.step, r.loss.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&resumed), losses(&straight));
     let text = std::fs::read_to_string(d.join("log.jsonl")).unwrap();
     let rows: Vec<metagrad::serde_json::Value> = text
         .lines()
         .map(|l| metagrad::serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 5);
     assert_eq!(rows[2]["step"], 3);
     assert_eq!(rows[2]["kind"], "step");
     assert!(rows[2]["loss"].as_f64().unwrap().is_finite());
@@ -281,4 +323,117 @@ fn configurations_that_cannot_work_are_refused_before_any_step() {
         }
     }
     assert_eq!((l.params, l.step), (before, 0));
+}
+
+#[test]
+fn runs_share_a_directory_by_name_and_a_resume_keeps_the_meta_batch() {
+    let d = dir("names");
+    for (k, last) in [(5, "run-k5.json"), (10, "run-k10.json")] {
+        let s = Trainer::new(3, 2)
+            .checkpoint_dir(&d)
+            .checkpoint_names(last, format!("best-k{k}.json"))
+            .progress(Progress::Off)
+            .run(
+                &mut learner(),
+                &mut Optimizer::adam(1e-3),
+                &mut SinusoidSampler::new(k, k, 1).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(s.steps, 3);
+        assert_eq!(Checkpoint::<f32>::load(d.join(last)).unwrap().step, 3);
+    }
+    assert!(!d.join(LAST_CHECKPOINT).exists());
+    // Resumed with meta-batches of another size: the tasks would differ from an
+    // uninterrupted run's, so the resume is refused before any step.
+    let mut l = learner();
+    let err = Trainer::new(6, 3)
+        .checkpoint_dir(&d)
+        .checkpoint_names("run-k5.json", "best-k5.json")
+        .resume(true)
+        .progress(Progress::Off)
+        .run(
+            &mut l,
+            &mut Optimizer::adam(1e-3),
+            &mut SinusoidSampler::new(5, 5, 1).unwrap(),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("meta-batches of 2 tasks, this run asks for 3"),
+        "{err}"
+    );
+    assert_eq!(l.step, 0);
+    // Empty names are refused.
+    let err = Trainer::<f32>::new(1, 1)
+        .checkpoint_names("", "b.json")
+        .progress(Progress::Off)
+        .run(
+            &mut l,
+            &mut Optimizer::adam(1e-3),
+            &mut SinusoidSampler::new(5, 5, 1).unwrap(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be empty"), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_resume_from_a_users_checkpoint_keeps_its_rate_and_this_runs_policy() {
+    use metagrad::meta::NonFinite;
+    // A checkpoint taken by hand after 2 steps at rate 0.05, without the trainer's state.
+    let d = dir("user");
+    std::fs::create_dir_all(&d).unwrap();
+    let mut l = learner();
+    let mut opt = Optimizer::adam(0.05);
+    let mut tasks = SinusoidSampler::new(5, 5, 1).unwrap();
+    for _ in 0..2 {
+        l.meta_step(
+            &Task::from_sinusoid(&tasks.sample_batch(2).unwrap()),
+            &mut opt,
+        )
+        .unwrap();
+    }
+    Checkpoint::capture(&l, &opt, tasks.rng())
+        .save(d.join(LAST_CHECKPOINT))
+        .unwrap();
+    let mut want = l.clone();
+    for _ in 0..2 {
+        want.meta_step(
+            &Task::from_sinusoid(&tasks.sample_batch(2).unwrap()),
+            &mut opt,
+        )
+        .unwrap();
+    }
+
+    let mut resumed = MetaLearner::new(
+        Mlp::new(vec![1, 16, 1]),
+        MetaConfig::maml(1, 0.01).with_non_finite(NonFinite::Skip),
+        3,
+    );
+    let mut opt2 = Optimizer::adam(1.0);
+    let s = Trainer::new(4, 2)
+        .checkpoint_dir(&d)
+        .resume(true)
+        .progress(Progress::Off)
+        .run(
+            &mut resumed,
+            &mut opt2,
+            &mut SinusoidSampler::new(5, 5, 99).unwrap(),
+        )
+        .unwrap();
+    assert_eq!((s.first_step, s.steps), (2, 4));
+    assert_eq!(opt2.lr, 0.05, "the checkpoint's rate, not this run's");
+    assert_eq!(resumed.params, want.params, "bit for bit");
+    assert_eq!(
+        resumed.config.on_non_finite,
+        NonFinite::Skip,
+        "this run's policy"
+    );
+    assert_eq!(
+        s.history.len(),
+        2,
+        "no log: the history starts at the resume"
+    );
+    assert_eq!(s.history[0].step, 3);
+    std::fs::remove_dir_all(&d).unwrap();
 }

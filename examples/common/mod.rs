@@ -3,10 +3,10 @@
 //! - Running: [`main`] builds the thread pool, runs the example and turns the outcome into
 //!   the exit code.
 //! - The Omniglot examples (`omniglot`, `norm_modes`): the flags they both take
-//!   ([`OmniglotArgs`]), finding and splitting the data, the Conv-4, one meta-training step
-//!   and the report on the fixed test episodes.
-//! - Long runs (`omniglot`, `sinusoid`): the non-finite policy, the progress bar and the
-//!   lines printed above it, atomic writes, the legend of the plots.
+//!   ([`OmniglotArgs`]), finding and splitting the data, the Conv-4 and the report on the
+//!   fixed test episodes.
+//! - Long runs (`omniglot`, `sinusoid`): the non-finite policy and the legend of the plots.
+//!   Their loop, checkpoints, log and progress are `metagrad::train::Trainer`'s.
 //!
 //! Not an example: Cargo builds `examples/*.rs` and `examples/*/main.rs`, and this folder
 //! has no `main.rs`. Each example includes it with `mod common;`.
@@ -15,16 +15,14 @@
 #![allow(dead_code)]
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use metagrad::data::{omniglot, EpisodeSampler, EpisodeSpec, ImageCollection, Omniglot};
 use metagrad::eval::{evaluate_episodes, EvalReport};
-use metagrad::meta::{MetaLearner, NonFinite, Optimizer, StepStats, Task};
+use metagrad::meta::{MetaLearner, NonFinite};
 use metagrad::nn::{Conv4, NormKind, NormMode};
 use plotters::coord::CoordTranslate;
 use plotters::prelude::*;
 use std::error::Error;
 use std::fmt;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -250,17 +248,6 @@ pub fn load_maml_split(data: &Path, split_seed: u64) -> metagrad::Result<MamlSpl
     })
 }
 
-/// One meta-training step on a meta-batch of `meta_batch` episodes drawn from `sampler`.
-pub fn train_step(
-    learner: &mut MetaLearner<f32, Conv4>,
-    opt: &mut Optimizer<f32>,
-    sampler: &mut EpisodeSampler<'_>,
-    meta_batch: usize,
-) -> metagrad::Result<StepStats> {
-    let tasks = Task::<f32>::from_episodes(&sampler.sample_batch(meta_batch)?);
-    learner.meta_step(&tasks, opt)
-}
-
 /// No Omniglot folder was given or found; says where to get the data.
 #[derive(Debug)]
 pub struct NoOmniglot;
@@ -291,51 +278,6 @@ pub fn non_finite(skip: bool) -> NonFinite {
     } else {
         NonFinite::Error
     }
-}
-
-/// A progress bar for meta-steps `first..total`, labelled `prefix`, when stderr is a
-/// terminal and there is something to do; `None` otherwise (plain lines instead).
-pub fn progress_bar(
-    prefix: String,
-    first: u64,
-    total: u64,
-) -> Result<Option<ProgressBar>, Box<dyn Error>> {
-    if !std::io::stderr().is_terminal() || first >= total {
-        return Ok(None);
-    }
-    let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::default_bar()
-            .template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta}) {msg}")?,
-    );
-    bar.set_prefix(prefix);
-    bar.set_position(first);
-    Ok(Some(bar))
-}
-
-/// Prints a line to stderr, above the progress bar if there is one.
-pub fn say(bar: Option<&ProgressBar>, message: String) {
-    match bar {
-        Some(bar) => bar.println(message),
-        None => eprintln!("{message}"),
-    }
-}
-
-/// Says that a new run will overwrite the checkpoint at `path`.
-pub fn note_overwrite(path: &Path) {
-    eprintln!(
-        "note: {} exists and will be overwritten by this new run (pass --resume to continue \
-         it instead)",
-        path.display()
-    );
-}
-
-/// Writes `text` to `path` through a temporary file (`path` + `.tmp`) and a rename, so
-/// that the file is never half written.
-pub fn write_replace(path: &Path, text: &str) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Draws the legend of `chart` at `position`, in the examples' style.

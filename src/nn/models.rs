@@ -501,8 +501,7 @@ fn labelled(label: String, input: &[usize], seq: Seq) -> crate::Result<Net> {
     }
 }
 
-/// The ready networks are their compositions: each `Model` method builds the net (a
-/// few small allocations) and asks it.
+/// The ready networks are their compositions: each `Model` method asks the net.
 macro_rules! composed {
     ($($ty:ty),*) => {$(
         impl<F: Float> Model<F> for $ty {
@@ -536,12 +535,27 @@ macro_rules! composed {
         }
 
         impl $ty {
-            /// The composition, for the `Model` methods.
+            /// The composition, for the `Model` methods: built once per thread and
+            /// kept while the configuration stays the same (its fields are public), so
+            /// that a small network's forward pass does not pay for compiling it.
             ///
             /// # Panics
             /// With the configuration error when the network cannot be built.
-            fn built(&self) -> Net {
-                self.net().unwrap_or_else(|e| panic!("{e}"))
+            fn built(&self) -> std::rc::Rc<Net> {
+                type Last = std::cell::RefCell<Option<($ty, std::rc::Rc<Net>)>>;
+                thread_local! {
+                    static LAST: Last = const { std::cell::RefCell::new(None) };
+                }
+                LAST.with(|last| {
+                    if let Some((model, net)) = &*last.borrow() {
+                        if model == self {
+                            return net.clone();
+                        }
+                    }
+                    let net = std::rc::Rc::new(self.net().unwrap_or_else(|e| panic!("{e}")));
+                    *last.borrow_mut() = Some((self.clone(), net.clone()));
+                    net
+                })
             }
         }
     )*};

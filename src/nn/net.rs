@@ -980,7 +980,7 @@ fn compile_seq(
                         if !image {
                             return bad("group norm takes [C, H, W] feature maps".into());
                         }
-                        if *groups == 0 || channels % groups != 0 {
+                        if *groups == 0 || !channels.is_multiple_of(*groups) {
                             return bad(format!(
                                 "{channels} channels do not split into {groups} groups"
                             ));

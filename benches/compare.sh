@@ -87,4 +87,4 @@ echo "(ratios > 1 mean metagrad is faster; $threads threads each, median of $ste
 echo " torch MiB = peak resident set of the whole process, from /usr/bin/time; ours = the"
 echo " workload's own peak resident set, as maml_step reports it; a -recompute workload"
 echo " runs with Memory::Recompute beside its stored path, step by step alternating, each"
-echo " one's peak resident set taken step by step)"
+echo " one's peak resident set from one untimed step on a trimmed heap)"

@@ -3,7 +3,7 @@
 //! what one timed step contains).
 //!
 //! ```text
-//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N]
+//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--alone]
 //! # across processes: build with the feature, then start the binary with mpirun
 //! cargo bench --features mpi --bench maml_step --no-run
 //! mpirun -np 2 target/release/deps/maml_step-* --threads 1 --only W2-omni5w1s-1step-SO
@@ -21,8 +21,10 @@
 //! `W5-cifarfs5w1s-resnet12-1step-{SO,FO}` (ResNet-12 on 3×32×32, meta-batch 4). The
 //! `-recompute` variants of W4 run with `Memory::Recompute` beside the stored path (the
 //! same learner stepped on the same tasks, alternating step by step) and print both
-//! medians, fractions of peak and peak resident sets (each taken step by step, reset
-//! before each step), the ratios, and whether the two stayed bitwise equal.
+//! medians, fractions of peak and peak resident sets (each from one untimed step on a
+//! trimmed heap, the recomputing one first), the ratios, and whether the two stayed
+//! bitwise equal; `--alone` runs them without the stored path, for a peak resident set
+//! it cannot touch.
 //!
 //! One timed step: every task's inner loop, query loss and meta-gradient, plus the outer
 //! Adam step; task data is made before the timer starts; f32; the median of `--steps`
@@ -594,6 +596,8 @@ struct Settings {
     warmup: usize,
     threads: usize,
     chunk: Option<usize>,
+    /// Run `-recompute` workloads without their stored path beside them.
+    alone: bool,
     comm: Comm,
     /// The matrix-product peak on `threads` threads, GFLOP/s.
     peak: f64,
@@ -641,6 +645,7 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         warmup,
         threads,
         chunk,
+        alone,
         ref comm,
         peak,
     } = *settings;
@@ -659,16 +664,29 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         .expect("every rank runs the same workload");
     let mut opt = Optimizer::adam(1e-3);
     // Under Recompute, the stored path beside it: the same learner, stepped on the same
-    // tasks, alternating step by step; its peak memory is taken step by step (reset
-    // before each step), and so is the recomputing one's.
-    let mut stored = (w.memory == Memory::Recompute).then(|| {
+    // tasks, alternating step by step.
+    let mut stored = (w.memory == Memory::Recompute && !alone).then(|| {
         let mut l = learner.clone();
         l.config.memory = Memory::Stored;
         (l, opt.clone(), Measured::new(steps))
     });
     let mut ours = Measured::new(steps);
     let mut bitwise = true;
-    reset_peak_rss();
+    if let Some((l, o, m)) = stored.as_mut() {
+        // Peak memory first, one step of each from a trimmed heap, the recomputing one
+        // first so that nothing the stored path leaves behind counts against it. The
+        // timed steps then run without trimming, as training does (the tuned allocator
+        // keeps freed memory for the next step).
+        let tasks = make();
+        reset_peak_rss();
+        learner.meta_step(&tasks, &mut opt).expect("meta-step");
+        ours.rss = peak_rss_mb();
+        reset_peak_rss();
+        l.meta_step(&tasks, o).expect("meta-step");
+        m.rss = peak_rss_mb();
+    } else {
+        reset_peak_rss();
+    }
     let mut traffic = comm.traffic();
     for i in 0..warmup + steps {
         if i == warmup {
@@ -677,16 +695,13 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         let tasks = make();
         let timed = i >= warmup;
         if let Some((l, o, m)) = stored.as_mut() {
-            reset_peak_rss();
             let t0 = Instant::now();
             let stats = std::hint::black_box(l.meta_step(&tasks, o).expect("meta-step"));
             let dt = t0.elapsed().as_secs_f64();
             if timed {
                 m.times.push(dt);
                 m.losses.push(stats.loss);
-                m.rss = m.rss.max(peak_rss_mb());
             }
-            reset_peak_rss();
         }
         let t0 = Instant::now();
         let stats = std::hint::black_box(learner.meta_step(&tasks, &mut opt).expect("meta-step"));
@@ -696,9 +711,6 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
             ours.losses.push(stats.loss);
         }
         if let Some((l, o, _)) = stored.as_ref() {
-            if timed {
-                ours.rss = ours.rss.max(peak_rss_mb());
-            }
             bitwise &=
                 l.params.digest() == learner.params.digest() && l.norm == learner.norm && *o == opt;
         }
@@ -871,6 +883,7 @@ fn main() {
     let mut only: Vec<String> = Vec::new();
     let (mut steps, mut warmup, mut threads) = (20usize, 3usize, 2usize);
     let mut chunk = None;
+    let mut alone = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |what: &str| -> usize {
@@ -885,10 +898,11 @@ fn main() {
             "--warmup" => warmup = num("--warmup"),
             "--threads" => threads = num("--threads").max(1),
             "--task-chunk" => chunk = Some(num("--task-chunk").max(1)),
+            "--alone" => alone = true,
             "--bench" => {}
             other if !other.starts_with("--") && !only.is_empty() => only.push(other.to_string()),
             other => {
-                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N]");
+                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--alone]");
                 std::process::exit(2);
             }
         }
@@ -924,6 +938,7 @@ fn main() {
         warmup,
         threads,
         chunk,
+        alone,
         comm,
         peak,
     };

@@ -254,3 +254,47 @@ fn the_mode_is_kept_out_of_checkpoints_and_old_configurations_read_as_stored() {
     let back: MetaConfig = metagrad::serde_json::from_value(json).unwrap();
     assert_eq!(back, recompute);
 }
+
+#[test]
+fn a_non_finite_step_is_refused_or_skipped_the_same_way() {
+    use metagrad::meta::NonFinite;
+    let mut tasks: Vec<Task<f32>> = image_tasks(3, 80);
+    tasks[1].query_x[[2, 0, 3, 4]] = f32::NAN;
+    let base = MetaLearner::<f32, _>::new(
+        tiny_conv(NormKind::Batch { per_step: None }),
+        MetaConfig::maml(3, 0.2),
+        81,
+    );
+    let outcome = |memory: Memory, policy: NonFinite| {
+        let mut l = base.clone();
+        l.config.memory = memory;
+        l.config.on_non_finite = policy;
+        let mut opt = Optimizer::adam(1e-3);
+        let r = l.meta_step(&tasks, &mut opt);
+        let r = r.map(|s| (s.loss.to_bits(), s.skipped));
+        (format!("{r:?}"), common::state(&l, &opt))
+    };
+    for policy in [NonFinite::Error, NonFinite::Skip] {
+        let stored = outcome(Memory::Stored, policy);
+        assert!(
+            stored.0.contains("NonFinite") || stored.0.contains("true"),
+            "{policy:?}: {}",
+            stored.0
+        );
+        assert!(outcome(Memory::Recompute, policy) == stored, "{policy:?}");
+    }
+}
+
+#[test]
+fn a_restore_keeps_the_learners_memory_mode() {
+    use metagrad::checkpoint::Checkpoint;
+    use metagrad::data::rng_from_seed;
+    let saved = MetaLearner::<f32, _>::new(Mlp::sinusoid(), MetaConfig::maml(2, 0.01), 0);
+    let checkpoint = Checkpoint::capture(&saved, &Optimizer::adam(1e-3), &rng_from_seed(0));
+    let config = MetaConfig::maml(2, 0.01).with_memory(Memory::Recompute);
+    let mut learner = MetaLearner::<f32, _>::new(Mlp::sinusoid(), config, 1);
+    assert!(checkpoint.config_changes(&learner.config).is_empty());
+    checkpoint.restore(&mut learner).unwrap();
+    assert_eq!(learner.config.memory, Memory::Recompute);
+    assert_eq!(learner.params, saved.params);
+}

@@ -25,12 +25,17 @@ done
 ref="${METAGRAD_REF:-../shared/ref}"
 venv="${METAGRAD_REF_VENV:-${TMPDIR:-/tmp}/metagrad-refvenv}"
 [ -f "$ref/maml_torch.py" ] || { echo "compare.sh: no maml_torch.py in $ref (set METAGRAD_REF)" >&2; exit 1; }
-if ! "$venv/bin/python" -c "import torch, jax, numpy" 2>/dev/null; then
-  echo "compare.sh: installing the references' dependencies (torch, jax, jaxlib, numpy) into $venv with pip ..."
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q torch jax jaxlib numpy
+# PyTorch always; JAX (and numpy) unless --no-jax.
+mods="torch"; pkgs=(torch)
+[ "$jax" = 0 ] || { mods="torch, jax, numpy"; pkgs=(torch jax jaxlib numpy); }
+if ! "$venv/bin/python" -c "import $mods" 2>/dev/null; then
+  echo "compare.sh: installing the references' dependencies (${pkgs[*]}) into $venv with pip ..."
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "${pkgs[@]}"
 fi
-[ ${#only[@]} -gt 0 ] || only=(W1-sin-1step-SO W1-sin-5step-SO W2-omni5w1s-1step-SO W2-omni5w1s-5step-SO W2-omni5w1s-1step-FO W3-omni20w1s-1step-SO)
+[ ${#only[@]} -gt 0 ] || only=(W1-sin-1step-SO W1-sin-5step-SO W2-omni5w1s-1step-SO W2-omni5w1s-5step-SO W2-omni5w1s-1step-FO W3-omni20w1s-1step-SO
+  W4-mini5w1s-5step-SO W4-mini5w1s-25step-SO W4-mini5w1s-5step-SO-recompute W4-mini5w1s-25step-SO-recompute
+  W5-cifarfs5w1s-resnet12-1step-SO W5-cifarfs5w1s-resnet12-1step-FO)
 cpus=$(seq -s, 0 $((threads - 1)))
 echo "building the bench ..."
 bench=$(cargo bench --bench maml_step --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
@@ -50,23 +55,36 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a
 peak=""
 printf '\n%-24s %10s %10s %11s %9s %9s %10s %10s %8s\n' workload "torch s" "jax s" "metagrad s" "vs torch" "vs jax" "torch MiB" "ours MiB" "of peak"
 for w in "${only[@]}"; do
-  run torch "$venv/bin/python" "$ref/maml_torch.py" --threads "$threads" --steps "$steps" --only "$w"
+  # A -recompute workload is its stored workload in another memory mode: the same
+  # reference run.
+  run torch "$venv/bin/python" "$ref/maml_torch.py" --threads "$threads" --steps "$steps" --only "${w%-recompute}"
   j="-"
   if [ "$jax" = 1 ] && [ "${w#W1}" != "$w" ]; then
     run jax taskset -c "$cpus" "$venv/bin/python" "$ref/maml_jax.py" --steps "$steps" --only "$w"
     j=$(median "$w" "$tmp/jax")
   fi
   run ours "$bench" --threads "$threads" --steps "$steps" --only "$w"
-  t=$(median "$w" "$tmp/torch"); m=$(median "$w" "$tmp/ours")
+  t=$(median "${w%-recompute}" "$tmp/torch"); m=$(median "$w" "$tmp/ours")
   # Our peak resident set is the bench's own figure for the workload: the process's
   # maximum also holds the start-up peak measurement's buffers.
   rss=$(json peak_rss_mb "$tmp/ours" | awk '{ printf "%.0f", $1 }')
   frac=$(json fraction_of_peak "$tmp/ours" | awk '{ printf "%.1f%%", 100 * $1 }')
   peak="$peak $(json peak_gflops "$tmp/ours" | awk '{ printf "%.0f", $1 }')"
   printf '%-24s %10s %10s %11s %9s %9s %10s %10s %8s\n' "$w" "$t" "$j" "$m" "$(ratio "$t" "$m")" "$(ratio "$j" "$m")" "$(cat "$tmp/torch.rss")" "${rss:--}" "${frac:--}"
+  # Memory::Recompute runs beside its stored path, alternating: both figures.
+  sm=$(json stored_median_s "$tmp/ours")
+  if [ -n "$sm" ]; then
+    srss=$(json stored_peak_rss_mb "$tmp/ours" | awk '{ printf "%.0f", $1 }')
+    sfrac=$(json stored_fraction_of_peak "$tmp/ours" | awk '{ printf "%.1f%%", 100 * $1 }')
+    same=$(sed -n 's/.*"bitwise_equal":\([a-z]*\).*/\1/p' "$tmp/ours" | head -1)
+    printf '%-24s %10s %10s %11.5f %9s %9s %10s %10s %8s  (its stored path, alternating; recompute/stored time %s, bitwise equal: %s)\n' \
+      "  stored path" "" "" "$sm" "$(ratio "$t" "$sm")" "" "" "$srss" "$sfrac" "$(ratio "$m" "$sm")" "$same"
+  fi
 done
 echo "of peak: the fraction of the $threads-thread matrix-product peak that maml_step measured at its start (GFLOP/s per run:$peak)"
 rm -rf "$tmp"
 echo "(ratios > 1 mean metagrad is faster; $threads threads each, median of $steps steps;"
 echo " torch MiB = peak resident set of the whole process, from /usr/bin/time; ours = the"
-echo " workload's own peak resident set, as maml_step reports it)"
+echo " workload's own peak resident set, as maml_step reports it; a -recompute workload"
+echo " runs with Memory::Recompute beside its stored path, step by step alternating, each"
+echo " one's peak resident set from one untimed step on a trimmed heap)"

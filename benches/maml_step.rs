@@ -3,7 +3,7 @@
 //! what one timed step contains).
 //!
 //! ```text
-//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N]
+//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--alone]
 //! # across processes: build with the feature, then start the binary with mpirun
 //! cargo bench --features mpi --bench maml_step --no-run
 //! mpirun -np 2 target/release/deps/maml_step-* --threads 1 --only W2-omni5w1s-1step-SO
@@ -15,6 +15,16 @@
 //! `W2-omni5w1s-{5,16,50}step-iMAML` (iMAML, λ = 2, 5 CG steps, inner rate 0.1); the
 //! peak resident set is printed per workload. For a clean figure per workload, run each
 //! in its own process (`--only NAME`).
+//!
+//! The field's larger workloads: `W4-mini5w1s-{5,25}step-SO` (MAML's miniImageNet
+//! setting: 3×84×84, Conv-4 with 32 filters, meta-batch 4, inner rate 0.01) and
+//! `W5-cifarfs5w1s-resnet12-1step-{SO,FO}` (ResNet-12 on 3×32×32, meta-batch 4). The
+//! `-recompute` variants of W4 run with `Memory::Recompute` beside the stored path (the
+//! same learner stepped on the same tasks, alternating step by step) and print both
+//! medians, fractions of peak and peak resident sets (each from one untimed step on a
+//! trimmed heap, the recomputing one first), the ratios, and whether the two stayed
+//! bitwise equal; `--alone` runs them without the stored path, for a peak resident set
+//! it cannot touch.
 //!
 //! One timed step: every task's inner loop, query loss and meta-gradient, plus the outer
 //! Adam step; task data is made before the timer starts; f32; the median of `--steps`
@@ -29,16 +39,41 @@
 
 use metagrad::dist::Comm;
 use metagrad::map_fn::with_threads;
-use metagrad::meta::{Imaml, MetaConfig, MetaLearner, Optimizer, Order, Targets, Task};
-use metagrad::nn::{Conv4, Mlp, Model};
+use metagrad::meta::{Imaml, Memory, MetaConfig, MetaLearner, Optimizer, Order, Targets, Task};
+use metagrad::nn::{Conv4, Mlp, Model, ResNet12};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
+/// The network and data of a workload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// Sinusoids, MLP 1-40-40-1.
+    Sinusoid,
+    /// Omniglot-shaped 1×28×28 images, Conv-4 with 64 filters.
+    Omniglot,
+    /// miniImageNet-shaped 3×84×84 images, Conv-4 with 32 filters (MAML's setting).
+    Mini,
+    /// CIFAR-FS-shaped 3×32×32 images, ResNet-12 (64-160-320-640).
+    ResNet12,
+}
+
+impl Kind {
+    /// Image channels and size (`None` for sinusoids).
+    fn image(self) -> Option<(usize, usize)> {
+        match self {
+            Kind::Sinusoid => None,
+            Kind::Omniglot => Some((1, 28)),
+            Kind::Mini => Some((3, 84)),
+            Kind::ResNet12 => Some((3, 32)),
+        }
+    }
+}
+
 struct Workload {
     name: &'static str,
-    omniglot: bool,
+    kind: Kind,
     meta_batch: usize,
     inner_steps: usize,
     second_order: bool,
@@ -48,6 +83,9 @@ struct Workload {
     inner_lr: f64,
     /// iMAML's settings (the meta-gradient by conjugate gradient), or MAML.
     imaml: Option<Imaml>,
+    /// What the inner loop keeps. A `Recompute` workload runs beside its stored path,
+    /// step by step alternating, and prints both.
+    memory: Memory,
 }
 
 /// iMAML with the paper's Omniglot settings, λ = 2 and 5 CG steps, and damping δ = 1 (the
@@ -62,7 +100,7 @@ const PAPER_IMAML: Option<Imaml> = Some(Imaml {
 const WORKLOADS: &[Workload] = &[
     Workload {
         name: "W1-sin-1step-SO",
-        omniglot: false,
+        kind: Kind::Sinusoid,
         meta_batch: 25,
         inner_steps: 1,
         second_order: true,
@@ -71,10 +109,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 10,
         inner_lr: 0.01,
         imaml: None,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W1-sin-5step-SO",
-        omniglot: false,
+        kind: Kind::Sinusoid,
         meta_batch: 25,
         inner_steps: 5,
         second_order: true,
@@ -83,10 +122,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 10,
         inner_lr: 0.01,
         imaml: None,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W2-omni5w1s-1step-SO",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 32,
         inner_steps: 1,
         second_order: true,
@@ -95,10 +135,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 15,
         inner_lr: 0.4,
         imaml: None,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W2-omni5w1s-5step-SO",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 32,
         inner_steps: 5,
         second_order: true,
@@ -107,10 +148,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 15,
         inner_lr: 0.4,
         imaml: None,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W2-omni5w1s-1step-FO",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 32,
         inner_steps: 1,
         second_order: false,
@@ -119,10 +161,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 15,
         inner_lr: 0.4,
         imaml: None,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W3-omni20w1s-1step-SO",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 16,
         inner_steps: 1,
         second_order: true,
@@ -131,11 +174,91 @@ const WORKLOADS: &[Workload] = &[
         queries: 5,
         inner_lr: 0.4,
         imaml: None,
+        memory: Memory::Stored,
+    },
+    // MAML's miniImageNet setting (W4) and ResNet-12 on CIFAR-FS (W5).
+    Workload {
+        name: "W4-mini5w1s-5step-SO",
+        kind: Kind::Mini,
+        meta_batch: 4,
+        inner_steps: 5,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.01,
+        imaml: None,
+        memory: Memory::Stored,
+    },
+    Workload {
+        name: "W4-mini5w1s-25step-SO",
+        kind: Kind::Mini,
+        meta_batch: 4,
+        inner_steps: 25,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.01,
+        imaml: None,
+        memory: Memory::Stored,
+    },
+    Workload {
+        name: "W4-mini5w1s-5step-SO-recompute",
+        kind: Kind::Mini,
+        meta_batch: 4,
+        inner_steps: 5,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.01,
+        imaml: None,
+        memory: Memory::Recompute,
+    },
+    Workload {
+        name: "W4-mini5w1s-25step-SO-recompute",
+        kind: Kind::Mini,
+        meta_batch: 4,
+        inner_steps: 25,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.01,
+        imaml: None,
+        memory: Memory::Recompute,
+    },
+    Workload {
+        name: "W5-cifarfs5w1s-resnet12-1step-SO",
+        kind: Kind::ResNet12,
+        meta_batch: 4,
+        inner_steps: 1,
+        second_order: true,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.01,
+        imaml: None,
+        memory: Memory::Stored,
+    },
+    Workload {
+        name: "W5-cifarfs5w1s-resnet12-1step-FO",
+        kind: Kind::ResNet12,
+        meta_batch: 4,
+        inner_steps: 1,
+        second_order: false,
+        ways: 5,
+        shots: 1,
+        queries: 15,
+        inner_lr: 0.01,
+        imaml: None,
+        memory: Memory::Stored,
     },
     // Memory against inner steps: MAML records every step, iMAML none.
     Workload {
         name: "W2-omni5w1s-16step-SO",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 32,
         inner_steps: 16,
         second_order: true,
@@ -144,10 +267,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 15,
         inner_lr: 0.4,
         imaml: None,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W2-omni5w1s-50step-SO",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 32,
         inner_steps: 50,
         second_order: true,
@@ -156,10 +280,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 15,
         inner_lr: 0.4,
         imaml: None,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W2-omni5w1s-5step-iMAML",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 32,
         inner_steps: 5,
         second_order: true,
@@ -168,10 +293,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 15,
         inner_lr: 0.1,
         imaml: PAPER_IMAML,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W2-omni5w1s-16step-iMAML",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 32,
         inner_steps: 16,
         second_order: true,
@@ -180,10 +306,11 @@ const WORKLOADS: &[Workload] = &[
         queries: 15,
         inner_lr: 0.1,
         imaml: PAPER_IMAML,
+        memory: Memory::Stored,
     },
     Workload {
         name: "W2-omni5w1s-50step-iMAML",
-        omniglot: true,
+        kind: Kind::Omniglot,
         meta_batch: 32,
         inner_steps: 50,
         second_order: true,
@@ -192,42 +319,28 @@ const WORKLOADS: &[Workload] = &[
         queries: 15,
         inner_lr: 0.1,
         imaml: PAPER_IMAML,
+        memory: Memory::Stored,
     },
 ];
 
 /// Floating-point operations of one meta-step's matrix products (2 per multiply-add),
 /// counted from the network's layers and the workload's shape.
 ///
-/// Per example, `fwd` is the forward pass of every layer (3×3 convolutions of the
-/// Conv-4, or linear layers of the MLP), `dw` the weight adjoints (as much as `fwd`)
-/// and `dx` the input adjoints (as much as `fwd` but for the first layer, whose input is
-/// data). One inner step costs `S·(fwd + dx + dw)` for `S` support examples; the query
-/// pass costs `Q·(fwd + dx + dw)`. Second order adds the backward pass through each
-/// inner step: every recorded adjoint has two adjoints of its own size, and the support
-/// forward pass its own backward, `3·S·(dx + dw)` per step. iMAML's inner steps are
-/// first order; it adds one recorded support pass at the solution and, per CG step, a
-/// Hessian-vector product counted like a second-order step's backward,
-/// `3·S·(dx + dw)`. Elementwise work, norms and pooling are not counted.
+/// Per example, `fwd` is the forward pass of every layer (the convolutions of the Conv-4
+/// or the ResNet-12, shortcuts included, or the linear layers of the MLP; the small
+/// linear heads of the convolutional networks are left out), `dw` the weight adjoints
+/// (as much as `fwd`) and `dx` the input adjoints (as much as `fwd` but for the layers
+/// whose input is data). One inner step costs `S·(fwd + dx + dw)` for `S` support
+/// examples; the query pass costs `Q·(fwd + dx + dw)`. Second order adds the backward
+/// pass through each inner step: every recorded adjoint has two adjoints of its own size,
+/// and the support forward pass its own backward, `3·S·(dx + dw)` per step. iMAML's inner
+/// steps are first order; it adds one recorded support pass at the solution and, per CG
+/// step, a Hessian-vector product counted like a second-order step's backward,
+/// `3·S·(dx + dw)`. Elementwise work, norms and pooling are not counted, nor the work
+/// that `Memory::Recompute` repeats (see [`recomputed_flops`]).
 fn step_flops(w: &Workload) -> f64 {
-    // (cost of the first layer, cost of all layers) per example, forward.
-    let (first, fwd) = if w.omniglot {
-        let (mut c, mut size, mut layers) = (1usize, 28usize, Vec::new());
-        for _ in 0..4 {
-            layers.push(2 * 64 * c * 9 * size * size);
-            c = 64;
-            size /= 2;
-        }
-        (layers[0] as f64, layers.iter().sum::<usize>() as f64)
-    } else {
-        let layers = [2 * 40, 2 * 40 * 40, 2 * 40];
-        (layers[0] as f64, layers.iter().sum::<usize>() as f64)
-    };
-    let (dx, dw) = (fwd - first, fwd);
-    let (s, q) = if w.omniglot {
-        ((w.ways * w.shots) as f64, (w.ways * w.queries) as f64)
-    } else {
-        (w.shots as f64, w.queries as f64)
-    };
+    let (fwd, dx, dw) = layer_flops(w.kind);
+    let (s, q) = examples(w);
     let steps = w.inner_steps as f64;
     let mut per_task = steps * s * (fwd + dx + dw) + q * (fwd + dx + dw);
     if let Some(imaml) = w.imaml {
@@ -236,6 +349,59 @@ fn step_flops(w: &Workload) -> f64 {
         per_task += steps * 3.0 * s * (dx + dw);
     }
     per_task * w.meta_batch as f64
+}
+
+/// What `Memory::Recompute` adds to [`step_flops`]: every inner step but the last is
+/// run a second time, forward and (second order) its recorded inner backward.
+fn recomputed_flops(w: &Workload) -> f64 {
+    if w.memory != Memory::Recompute || !w.second_order {
+        return 0.0;
+    }
+    let (fwd, dx, dw) = layer_flops(w.kind);
+    let (s, _) = examples(w);
+    w.inner_steps.saturating_sub(1) as f64 * s * (fwd + dx + dw) * w.meta_batch as f64
+}
+
+/// Support and query examples per task.
+fn examples(w: &Workload) -> (f64, f64) {
+    match w.kind {
+        Kind::Sinusoid => (w.shots as f64, w.queries as f64),
+        _ => ((w.ways * w.shots) as f64, (w.ways * w.queries) as f64),
+    }
+}
+
+/// Per example: the forward pass's matrix-product work, the input adjoints' and the
+/// weight adjoints'.
+fn layer_flops(kind: Kind) -> (f64, f64, f64) {
+    // (cost, whether its input is data) per layer.
+    let mut layers: Vec<(usize, bool)> = Vec::new();
+    match kind {
+        Kind::Sinusoid => layers.extend([(2 * 40, true), (2 * 40 * 40, false), (2 * 40, false)]),
+        Kind::Omniglot | Kind::Mini => {
+            let (mut c, mut size) = kind.image().expect("images");
+            let filters = if kind == Kind::Omniglot { 64 } else { 32 };
+            for b in 0..4 {
+                layers.push((2 * filters * c * 9 * size * size, b == 0));
+                c = filters;
+                size /= 2;
+            }
+        }
+        Kind::ResNet12 => {
+            let (mut c, mut size) = kind.image().expect("images");
+            for (b, width) in [64usize, 160, 320, 640].into_iter().enumerate() {
+                let area = size * size;
+                layers.push((2 * width * c * 9 * area, b == 0)); // conv1
+                layers.push((2 * width * width * 9 * area, false)); // conv2
+                layers.push((2 * width * width * 9 * area, false)); // conv3
+                layers.push((2 * width * c * area, b == 0)); // 1×1 shortcut
+                c = width;
+                size /= 2;
+            }
+        }
+    }
+    let fwd = layers.iter().map(|l| l.0).sum::<usize>() as f64;
+    let first = layers.iter().filter(|l| l.1).map(|l| l.0).sum::<usize>() as f64;
+    (fwd, fwd - first, fwd)
 }
 
 /// `len` zeroed f32 mapped straight from the kernel and returned to it on drop, so that
@@ -368,13 +534,14 @@ fn sinusoid_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
         .collect()
 }
 
-/// Omniglot-shaped tasks as the reference makes them: standard-normal 28×28 images,
-/// labels `0..N` each repeated `K` (or `Q`) times.
-fn omniglot_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
+/// Image tasks as the reference makes them (`omniglot_batch`): standard-normal images
+/// of the workload's channels and size, labels `0..N` each repeated `K` (or `Q`) times.
+fn image_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
+    let (c, hw) = w.kind.image().expect("an image workload");
     (0..w.meta_batch)
         .map(|_| {
             let mut images = |n: usize| {
-                ArrayD::from_shape_simple_fn(IxDyn(&[n, 1, 28, 28]), || {
+                ArrayD::from_shape_simple_fn(IxDyn(&[n, c, hw, hw]), || {
                     rng.sample::<f32, _>(rand_distr_normal())
                 })
             };
@@ -429,9 +596,42 @@ struct Settings {
     warmup: usize,
     threads: usize,
     chunk: Option<usize>,
+    /// Run `-recompute` workloads without their stored path beside them.
+    alone: bool,
     comm: Comm,
     /// The matrix-product peak on `threads` threads, GFLOP/s.
     peak: f64,
+}
+
+/// What a workload's timed steps measured, for one memory mode.
+struct Measured {
+    times: Vec<f64>,
+    losses: Vec<f64>,
+    /// Peak resident set, MiB.
+    rss: f64,
+}
+
+impl Measured {
+    fn new(steps: usize) -> Self {
+        Measured {
+            times: Vec::with_capacity(steps),
+            losses: Vec::with_capacity(steps),
+            rss: 0.0,
+        }
+    }
+
+    /// Median, least and most seconds per step.
+    fn summary(&self) -> (f64, f64, f64) {
+        let mut sorted = self.times.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+        };
+        (median, sorted[0], sorted[n - 1])
+    }
 }
 
 fn run<M: Model<f32> + Clone + std::fmt::Debug>(
@@ -445,10 +645,11 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         warmup,
         threads,
         chunk,
+        alone,
         ref comm,
         peak,
     } = *settings;
-    let mut config = MetaConfig::maml(w.inner_steps, w.inner_lr);
+    let mut config = MetaConfig::maml(w.inner_steps, w.inner_lr).with_memory(w.memory);
     if let Some(c) = chunk {
         config.task_chunk = c;
     }
@@ -462,32 +663,64 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         .with_comm(comm.clone())
         .expect("every rank runs the same workload");
     let mut opt = Optimizer::adam(1e-3);
-    reset_peak_rss();
-    let mut times = Vec::with_capacity(steps);
-    let mut losses = Vec::with_capacity(steps);
+    // Under Recompute, the stored path beside it: the same learner, stepped on the same
+    // tasks, alternating step by step.
+    let mut stored = (w.memory == Memory::Recompute && !alone).then(|| {
+        let mut l = learner.clone();
+        l.config.memory = Memory::Stored;
+        (l, opt.clone(), Measured::new(steps))
+    });
+    let mut ours = Measured::new(steps);
+    let mut bitwise = true;
+    if let Some((l, o, m)) = stored.as_mut() {
+        // Peak memory first, one step of each from a trimmed heap, the recomputing one
+        // first so that nothing the stored path leaves behind counts against it. The
+        // timed steps then run without trimming, as training does (the tuned allocator
+        // keeps freed memory for the next step).
+        let tasks = make();
+        reset_peak_rss();
+        learner.meta_step(&tasks, &mut opt).expect("meta-step");
+        ours.rss = peak_rss_mb();
+        reset_peak_rss();
+        l.meta_step(&tasks, o).expect("meta-step");
+        m.rss = peak_rss_mb();
+    } else {
+        reset_peak_rss();
+    }
     let mut traffic = comm.traffic();
     for i in 0..warmup + steps {
         if i == warmup {
             traffic = comm.traffic();
         }
         let tasks = make();
+        let timed = i >= warmup;
+        if let Some((l, o, m)) = stored.as_mut() {
+            let t0 = Instant::now();
+            let stats = std::hint::black_box(l.meta_step(&tasks, o).expect("meta-step"));
+            let dt = t0.elapsed().as_secs_f64();
+            if timed {
+                m.times.push(dt);
+                m.losses.push(stats.loss);
+            }
+        }
         let t0 = Instant::now();
         let stats = std::hint::black_box(learner.meta_step(&tasks, &mut opt).expect("meta-step"));
         let dt = t0.elapsed().as_secs_f64();
-        if i >= warmup {
-            times.push(dt);
-            losses.push(stats.loss);
+        if timed {
+            ours.times.push(dt);
+            ours.losses.push(stats.loss);
+        }
+        if let Some((l, o, _)) = stored.as_ref() {
+            bitwise &=
+                l.params.digest() == learner.params.digest() && l.norm == learner.norm && *o == opt;
         }
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let median = if sorted.len() % 2 == 1 {
-        sorted[sorted.len() / 2]
-    } else {
-        0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
-    };
-    let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
-    let rss = peak_rss_mb();
+    if stored.is_none() {
+        ours.rss = peak_rss_mb();
+    }
+    let (median, min, max) = ours.summary();
+    let rss = ours.rss;
+    let losses = &ours.losses;
     let (sent, received) = comm.traffic();
     let per_step = |now: u64, then: u64| (now - then) as f64 / steps as f64;
     let (sent, received) = (per_step(sent, traffic.0), per_step(received, traffic.1));
@@ -514,34 +747,65 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
     );
     let gflop = step_flops(w) / 1e9;
     let fraction = gflop / median / peak;
+    let fmt_gflop = |g: f64| {
+        if g < 1.0 {
+            format!("{g:.4}")
+        } else {
+            format!("{g:.1}")
+        }
+    };
     println!(
         "{:24} {} GFLOP/step in matrix products: {:.1} GFLOP/s = {:.1}% of the {:.0} GFLOP/s peak on {threads} threads",
         "",
-        if gflop < 1.0 {
-            format!("{gflop:.4}")
-        } else {
-            format!("{gflop:.1}")
-        },
+        fmt_gflop(gflop),
         gflop / median,
         100.0 * fraction,
         peak
     );
+    let mut json = serde_json::json!({
+        "workload": w.name, "median_s": median, "min_s": min, "max_s": max,
+        "tasks_per_s": tps, "threads": threads, "steps": steps, "peak_rss_mb": rss,
+        "check_s": check, "ranks": comm.size(), "gflop_per_step": gflop,
+        "peak_gflops": peak, "fraction_of_peak": fraction,
+        "bytes_sent_per_step": sent, "bytes_received_per_step": received,
+        "memory": format!("{:?}", w.memory),
+    });
+    if let Some((_, _, m)) = &stored {
+        let (s_median, s_min, s_max) = m.summary();
+        let s_fraction = gflop / s_median / peak;
+        let extra = recomputed_flops(w) / 1e9;
+        println!(
+            "{:24} recomputed as well: {} GFLOP/step (the inner steps but the last, forward and inner backward), not counted above",
+            "",
+            fmt_gflop(extra)
+        );
+        println!(
+            "{:24} stored path, alternating: median {s_median:9.5} s/step  min {s_min:9.5}  max {s_max:9.5}  {:.1}% of peak  peak RSS {:.0} MiB",
+            "",
+            100.0 * s_fraction,
+            m.rss
+        );
+        println!(
+            "{:24} recompute / stored: time {:.3}×, peak RSS {:.3}×; parameters, statistics and optimiser bitwise equal after every step: {}",
+            "",
+            median / s_median,
+            rss / m.rss,
+            if bitwise { "yes" } else { "NO" }
+        );
+        let o = json.as_object_mut().expect("an object");
+        o.insert("recomputed_gflop_per_step".into(), extra.into());
+        o.insert("stored_median_s".into(), s_median.into());
+        o.insert("stored_peak_rss_mb".into(), m.rss.into());
+        o.insert("stored_fraction_of_peak".into(), s_fraction.into());
+        o.insert("bitwise_equal".into(), bitwise.into());
+    }
     println!(
         "{:24} non-finite check {:8.1} µs/step = {:.3}% of the median step",
         "",
         check * 1e6,
         100.0 * check / median
     );
-    println!(
-        "{}",
-        serde_json::json!({
-            "workload": w.name, "median_s": median, "min_s": min, "max_s": max,
-            "tasks_per_s": tps, "threads": threads, "steps": steps, "peak_rss_mb": rss,
-            "check_s": check, "ranks": comm.size(), "gflop_per_step": gflop,
-            "peak_gflops": peak, "fraction_of_peak": fraction,
-            "bytes_sent_per_step": sent, "bytes_received_per_step": received,
-        })
-    );
+    println!("{json}");
 }
 
 /// The time of one step's exchange alone (median of repeats): every task's gradient (as
@@ -619,6 +883,7 @@ fn main() {
     let mut only: Vec<String> = Vec::new();
     let (mut steps, mut warmup, mut threads) = (20usize, 3usize, 2usize);
     let mut chunk = None;
+    let mut alone = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |what: &str| -> usize {
@@ -633,10 +898,11 @@ fn main() {
             "--warmup" => warmup = num("--warmup"),
             "--threads" => threads = num("--threads").max(1),
             "--task-chunk" => chunk = Some(num("--task-chunk").max(1)),
+            "--alone" => alone = true,
             "--bench" => {}
             other if !other.starts_with("--") && !only.is_empty() => only.push(other.to_string()),
             other => {
-                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N]");
+                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--alone]");
                 std::process::exit(2);
             }
         }
@@ -672,6 +938,7 @@ fn main() {
         warmup,
         threads,
         chunk,
+        alone,
         comm,
         peak,
     };
@@ -682,20 +949,36 @@ fn main() {
             .filter(|w| only.is_empty() || only.iter().any(|n| n == w.name))
         {
             let mut rng = ChaCha8Rng::seed_from_u64(0);
-            if w.omniglot {
-                run(
-                    w,
-                    Conv4::omniglot(w.ways),
-                    &mut || omniglot_tasks(&mut rng, w),
-                    &settings,
-                );
-            } else {
-                run(
+            let rng = &mut rng;
+            match w.kind {
+                Kind::Sinusoid => run(
                     w,
                     Mlp::sinusoid(),
-                    &mut || sinusoid_tasks(&mut rng, w),
+                    &mut || sinusoid_tasks(rng, w),
                     &settings,
-                );
+                ),
+                Kind::Omniglot => run(
+                    w,
+                    Conv4::omniglot(w.ways),
+                    &mut || image_tasks(rng, w),
+                    &settings,
+                ),
+                Kind::Mini => {
+                    let model = Conv4 {
+                        in_channels: 3,
+                        image_size: 84,
+                        filters: 32,
+                        ways: w.ways,
+                        ..Conv4::omniglot(w.ways)
+                    };
+                    run(w, model, &mut || image_tasks(rng, w), &settings)
+                }
+                Kind::ResNet12 => run(
+                    w,
+                    ResNet12::new(w.ways, 32),
+                    &mut || image_tasks(rng, w),
+                    &settings,
+                ),
             }
         }
     });

@@ -87,6 +87,55 @@ pub struct MetaConfig {
     /// and what checkpoints without the field read as): the rule's own meta-gradient.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub implicit: Option<Imaml>,
+    /// What the inner loop keeps for the outer backward pass: every inner step's graph
+    /// ([`Memory::Stored`], the default, and what configurations and checkpoints without
+    /// the field read as) or only each step's parameters, the graphs rebuilt during the
+    /// outer backward ([`Memory::Recompute`]). The meta-gradient, loss and statistics are
+    /// bitwise the same either way; like [`parallel_iterations`](Self::parallel_iterations)
+    /// it is the machine's choice, so a checkpoint's restore keeps the learner's.
+    #[serde(default, skip_serializing_if = "Memory::is_stored")]
+    pub memory: Memory,
+}
+
+/// What the inner loop keeps for the outer backward pass of a second-order (or
+/// first-order) meta-gradient ([`MetaConfig::memory`]).
+///
+/// Both modes give bitwise the same meta-gradient, loss, accuracy and batch-norm
+/// statistics, for every inner rule, order and number of steps, on any number of
+/// threads: the recomputed graphs are the same ops on the same values, and their
+/// adjoints are added in the order one backward pass over the stored graphs adds them
+/// ([`Tape::grad_seeded_onto`](crate::Tape::grad_seeded_onto)).
+///
+/// ```
+/// use metagrad::meta::{Memory, MetaConfig};
+/// let config = MetaConfig::maml(25, 0.01).with_memory(Memory::Recompute);
+/// assert_eq!(config.memory, Memory::Recompute);
+/// assert_eq!(MetaConfig::maml(1, 0.01).memory, Memory::Stored);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Memory {
+    /// Keep every inner step's graph (activations and the recorded inner backward) on one
+    /// tape until the outer backward: memory grows with the inner steps, each graph is
+    /// built once.
+    #[default]
+    Stored,
+    /// Gradient checkpointing of the inner loop: run it forward keeping only each step's
+    /// parameters (the fast weights; for first order, also each step's inner gradient),
+    /// score the query set, then walk the steps backwards, rebuilding each step's graph
+    /// on a fresh tape from its stored parameters and back-propagating the adjoint of
+    /// its result. Memory is about one step's graph whatever the number of steps; the
+    /// time is about one more forward pass and inner backward per step but the last
+    /// (first order rebuilds nothing: its updates need only the stored gradients).
+    /// Not used by iMAML, whose memory is already flat in the steps, nor by Reptile and
+    /// evaluation, which have no outer backward.
+    Recompute,
+}
+
+impl Memory {
+    /// Whether this is [`Memory::Stored`] (the default).
+    pub fn is_stored(&self) -> bool {
+        *self == Memory::Stored
+    }
 }
 
 /// What [`MetaLearner::meta_step`](super::MetaLearner::meta_step) and [`MetaLearner::reptile_step`](super::MetaLearner::reptile_step) do with a step
@@ -122,7 +171,14 @@ impl MetaConfig {
             task_chunk: default_task_chunk(),
             on_non_finite: NonFinite::Error,
             implicit: None,
+            memory: Memory::Stored,
         }
+    }
+
+    /// The same with another inner-loop memory mode.
+    pub fn with_memory(mut self, memory: Memory) -> Self {
+        self.memory = memory;
+        self
     }
 
     /// The same with another inner rule.

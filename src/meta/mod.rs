@@ -40,7 +40,7 @@ mod ranks;
 mod task;
 
 pub use adapt::Adapted;
-pub use config::{InnerRule, MetaConfig, NonFinite, Order};
+pub use config::{InnerRule, Memory, MetaConfig, NonFinite, Order};
 pub use episode::{adapted_indices, last_step_only, EpisodeRun, InnerLoop};
 pub use imaml::{CgStats, Imaml};
 pub use optim::{Optimizer, OuterRule};
@@ -209,6 +209,22 @@ fn reindex(e: Error, index: usize) -> Error {
         Error::Task { message, .. } => Error::Task { index, message },
         e => e,
     }
+}
+
+/// A chunk of tasks as one batched computation: each meta-parameter is broadcast to a
+/// stack of `c` per-task copies, and the loss is the sum of the tasks' losses, so the
+/// inner gradient of each copy is its task's own.
+fn stack_params<F: Float>(t: &mut Tape<F>, net: &[Var], c: usize) -> Vec<Var> {
+    net.iter()
+        .map(|&p| {
+            let shape = t.shape(p).to_vec();
+            let mut one = vec![1];
+            one.extend(&shape);
+            let p1 = t.reshape(p, &one);
+            one[0] = c;
+            t.broadcast_to(p1, &one)
+        })
+        .collect()
 }
 
 /// A meta-learner: a network, its meta-parameters (network weights, then any learned
@@ -419,6 +435,9 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         if let Some(imaml) = &self.config.implicit {
             return imaml::run_group(self, group, first, imaml, second_order);
         }
+        if self.config.memory == Memory::Recompute && self.config.inner_steps > 0 {
+            return self.run_group_recompute(group, first, second_order);
+        }
         let mut t = Tape::new();
         let theta = self.params.place(&mut t);
         let mut ctx = self.train_ctx(first);
@@ -429,21 +448,7 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             let run = inner.episode(&mut t, net, rates, &group[0], &weights, &mut ctx);
             (run.loss, group[0].query_y.accuracy(t.value(run.query_out)))
         } else {
-            // A chunk of tasks as one batched computation: each meta-parameter is
-            // broadcast to a stack of per-task copies, and the loss is the sum of the
-            // tasks' losses, so the inner gradient of each copy is its task's own.
-            let c = group.len();
-            let stacked: Vec<Var> = net
-                .iter()
-                .map(|&p| {
-                    let shape = t.shape(p).to_vec();
-                    let mut one = vec![1];
-                    one.extend(&shape);
-                    let p1 = t.reshape(p, &one);
-                    one[0] = c;
-                    t.broadcast_to(p1, &one)
-                })
-                .collect();
+            let stacked = stack_params(&mut t, net, group.len());
             let batch = Task::stack(group);
             let run = inner.episode(&mut t, &stacked, rates, &batch, &weights, &mut ctx);
             (run.loss, None)
@@ -451,14 +456,70 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let value = t.item(loss);
         let grads = t.grad(loss, &theta, false);
         let grads: Vec<ArrayD<F>> = grads.into_iter().map(|g| t.take(g)).collect();
+        Self::group_result(grads, value, acc, ctx.observed)
+    }
+
+    /// [`MetaLearner::run_group`] under [`Memory::Recompute`]: the same result, bitwise,
+    /// from [`InnerLoop::episode_recompute`]. A chunk of tasks starts from the stacked
+    /// copies of the parameters, whose adjoints are then taken back through the stacking.
+    fn run_group_recompute(
+        &self,
+        group: &[Task<F>],
+        first: usize,
+        second_order: bool,
+    ) -> GroupResult<F> {
+        let mut ctx = self.train_ctx(first);
+        let inner = self.inner_loop(self.config.inner_steps, second_order);
+        let weights = self.step_weights();
+        let (net, rates) = self.params.tensors().split_at(self.net_len);
+        let zeros_for =
+            |g: Option<ArrayD<F>>, p: &ArrayD<F>| g.unwrap_or_else(|| ArrayD::zeros(p.raw_dim()));
+        let (run, acc, net_grads) = if group.len() == 1 {
+            let mut run = inner.episode_recompute(net, rates, &group[0], &weights, &mut ctx);
+            let acc = group[0].query_y.accuracy(&run.query_out);
+            let net_grads = std::mem::take(&mut run.net);
+            (run, acc, net_grads)
+        } else {
+            let mut t = Tape::new();
+            let theta: Vec<Var> = net.iter().map(|p| t.param(p.clone())).collect();
+            let stacked = stack_params(&mut t, &theta, group.len());
+            let start: Vec<ArrayD<F>> = stacked.iter().map(|&v| t.value(v).clone()).collect();
+            let batch = Task::stack(group);
+            let mut run = inner.episode_recompute(&start, rates, &batch, &weights, &mut ctx);
+            let (mut outs, mut seeds) = (Vec::new(), Vec::new());
+            for (&v, a) in stacked.iter().zip(std::mem::take(&mut run.net)) {
+                if let Some(a) = a {
+                    outs.push(v);
+                    seeds.push(t.constant(a));
+                }
+            }
+            let onto = vec![None; theta.len()];
+            let g = t.grad_seeded_onto(&outs, &seeds, &theta, &onto, false);
+            let net_grads = g.into_iter().map(|g| g.map(|g| t.take(g))).collect();
+            (run, None, net_grads)
+        };
+        let grads: Vec<ArrayD<F>> = net_grads
+            .into_iter()
+            .chain(run.rates)
+            .zip(self.params.tensors())
+            .map(|(g, p)| zeros_for(g, p))
+            .collect();
+        Self::group_result(grads, run.loss, acc, ctx.observed)
+    }
+
+    /// A group's result, checked for finiteness.
+    fn group_result(
+        grads: Vec<ArrayD<F>>,
+        value: f64,
+        acc: Option<f64>,
+        observed: Vec<Observed<F>>,
+    ) -> GroupResult<F> {
         GroupResult {
-            finite: value.is_finite()
-                && grads.iter().all(all_finite)
-                && observed_finite(&ctx.observed),
+            finite: value.is_finite() && grads.iter().all(all_finite) && observed_finite(&observed),
             result: grads,
             loss: value,
             accuracy: acc,
-            observed: ctx.observed,
+            observed,
             cg: None,
         }
     }

@@ -29,7 +29,10 @@ impl<F: Float> Tape<F> {
         );
         let start = self.len();
         let seed = self.constant(ArrayD::ones(shape));
-        self.backward(output, seed, wrt, create_graph, start)
+        self.backward(&[(output, seed)], wrt, &[], create_graph, start, true)
+            .into_iter()
+            .map(|g| g.expect("zeros filled in"))
+            .collect()
     }
 
     /// Vector-Jacobian products: the gradients of `sum(output * seed)` with respect to each
@@ -46,18 +49,165 @@ impl<F: Float> Tape<F> {
             self.shape(output)
         );
         let start = self.len();
-        self.backward(output, seed, wrt, create_graph, start)
+        self.backward(&[(output, seed)], wrt, &[], create_graph, start, true)
+            .into_iter()
+            .map(|g| g.expect("zeros filled in"))
+            .collect()
     }
 
-    /// The backward pass; nodes from `start` on are scratch when not creating a graph.
-    fn backward(
+    /// Vector-Jacobian products of several outputs at once: the gradients of
+    /// `Σⱼ sum(outputs[j] * seeds[j])` with respect to each of `wrt`, in one backward pass.
+    /// See [`Tape::grad`] for `create_graph`; a `wrt` that no output depends on gets a
+    /// gradient of zeros.
+    ///
+    /// ```
+    /// use metagrad::Tape;
+    /// use ndarray::arr1;
+    /// let mut t = Tape::<f64>::new();
+    /// let x = t.param(arr1(&[1.0, 2.0]).into_dyn());
+    /// let y = t.square(x);                         // x²
+    /// let z = t.mul_scalar(x, 3.0);                // 3x
+    /// let sy = t.constant(arr1(&[1.0, 1.0]).into_dyn());
+    /// let sz = t.constant(arr1(&[2.0, 0.0]).into_dyn());
+    /// let g = t.grad_seeded(&[y, z], &[sy, sz], &[x], false)[0];
+    /// assert_eq!(t.value(g).as_slice().unwrap(), &[2.0 + 6.0, 4.0]);
+    /// ```
+    ///
+    /// # Panics
+    /// If `outputs` and `seeds` differ in length, an output appears twice, a seed's shape
+    /// differs from its output's, or a `wrt` is a constant.
+    #[track_caller]
+    pub fn grad_seeded(
         &mut self,
-        output: Var,
-        seed: Var,
+        outputs: &[Var],
+        seeds: &[Var],
         wrt: &[Var],
         create_graph: bool,
-        start: usize,
     ) -> Vec<Var> {
+        let pairs = self.seed_pairs(outputs, seeds);
+        let start = self.len();
+        self.backward(&pairs, wrt, &[], create_graph, start, true)
+            .into_iter()
+            .map(|g| g.expect("zeros filled in"))
+            .collect()
+    }
+
+    /// [`Tape::grad_seeded`] added onto running adjoints: `onto[i]` (when `Some`) is the
+    /// adjoint `wrt[i]` has already received from outside this tape, and the result is
+    /// that plus this tape's contributions, or `None` for a `wrt` that received nothing
+    /// from either (so that no `0 + x`, which turns `-0` into `+0`, is ever computed).
+    ///
+    /// The sum is folded in the order one backward pass over a longer tape would fold
+    /// it: `((onto + c₁) + c₂) + …`, the contributions `cₖ` in the reverse order of the
+    /// nodes that make them. This is what makes gradient checkpointing exact: cut a tape
+    /// into segments, run the segments backwards from the last, pass each segment's
+    /// adjoints of its inputs as the seeds of the previous segment's outputs and the
+    /// adjoints of values shared by all segments (weights used at every step) as `onto`,
+    /// and every adjoint is bitwise the one the whole tape gives.
+    ///
+    /// ```
+    /// use metagrad::Tape;
+    /// use ndarray::arr1;
+    /// // The whole tape: y = x·w, z = Σ y·w, both gradients in one pass.
+    /// let (x0, w0) = (arr1(&[0.3f32, -1.7]).into_dyn(), arr1(&[1.1f32, 0.9]).into_dyn());
+    /// let mut t = Tape::new();
+    /// let (x, w) = (t.param(x0.clone()), t.param(w0.clone()));
+    /// let y = t.mul(x, w);
+    /// let z = t.mul(y, w);
+    /// let z = t.sum(z);
+    /// let whole = t.grad(z, &[x, w], false);
+    /// // In two segments: the second from y (a leaf there), then the first, seeded with
+    /// // y's adjoint and adding onto w's.
+    /// let mut t2 = Tape::new();
+    /// let (y2, w2) = (t2.param(t.value(y).clone()), t2.param(w0.clone()));
+    /// let z2 = t2.mul(y2, w2);
+    /// let z2 = t2.sum(z2);
+    /// let g2 = t2.grad(z2, &[y2, w2], false);
+    /// let mut t1 = Tape::new();
+    /// let (x1, w1) = (t1.param(x0), t1.param(w0));
+    /// let y1 = t1.mul(x1, w1);
+    /// let seed = t1.constant(t2.value(g2[0]).clone());
+    /// let onto = t1.constant(t2.value(g2[1]).clone());
+    /// let g1 = t1.grad_seeded_onto(&[y1], &[seed], &[x1, w1], &[None, Some(onto)], false);
+    /// assert_eq!(t1.value(g1[0].unwrap()), t.value(whole[0]));
+    /// assert_eq!(t1.value(g1[1].unwrap()), t.value(whole[1]));
+    /// ```
+    ///
+    /// # Panics
+    /// As [`Tape::grad_seeded`], and if `onto` and `wrt` differ in length, an `onto` and
+    /// its `wrt` differ in shape, or a `wrt` is also an output.
+    #[track_caller]
+    pub fn grad_seeded_onto(
+        &mut self,
+        outputs: &[Var],
+        seeds: &[Var],
+        wrt: &[Var],
+        onto: &[Option<Var>],
+        create_graph: bool,
+    ) -> Vec<Option<Var>> {
+        let pairs = self.seed_pairs(outputs, seeds);
+        assert!(
+            onto.len() == wrt.len(),
+            "metagrad::grad_seeded_onto: {} running adjoints for {} wrt",
+            onto.len(),
+            wrt.len()
+        );
+        for (i, (w, a)) in wrt.iter().zip(onto).enumerate() {
+            if let Some(a) = a {
+                assert!(
+                    self.shape(*a) == self.shape(*w),
+                    "metagrad::grad_seeded_onto: onto[{i}] has shape {:?}, wrt[{i}] {:?}",
+                    self.shape(*a),
+                    self.shape(*w)
+                );
+            }
+            assert!(
+                !outputs.contains(w),
+                "metagrad::grad_seeded_onto: wrt[{i}] (Var {}) is also an output",
+                w.0
+            );
+        }
+        let start = self.len();
+        self.backward(&pairs, wrt, onto, create_graph, start, false)
+    }
+
+    /// Checks outputs against seeds and pairs them.
+    #[track_caller]
+    fn seed_pairs(&self, outputs: &[Var], seeds: &[Var]) -> Vec<(Var, Var)> {
+        assert!(
+            outputs.len() == seeds.len(),
+            "metagrad::grad_seeded: {} outputs and {} seeds",
+            outputs.len(),
+            seeds.len()
+        );
+        for (i, (o, s)) in outputs.iter().zip(seeds).enumerate() {
+            assert!(
+                self.shape(*s) == self.shape(*o),
+                "metagrad::grad_seeded: seed {i} has shape {:?}, output {i} {:?}",
+                self.shape(*s),
+                self.shape(*o)
+            );
+            assert!(
+                !outputs[..i].contains(o),
+                "metagrad::grad_seeded: output {i} (Var {}) appears twice",
+                o.0
+            );
+        }
+        outputs.iter().copied().zip(seeds.iter().copied()).collect()
+    }
+
+    /// The backward pass from each `(output, seed)`, onto the running adjoints `onto`
+    /// (empty, or one per `wrt`); nodes from `start` on are scratch when not creating a
+    /// graph. A `wrt` that receives nothing is `None`, or zeros when `zeros` is set.
+    fn backward(
+        &mut self,
+        seeds: &[(Var, Var)],
+        wrt: &[Var],
+        onto: &[Option<Var>],
+        create_graph: bool,
+        start: usize,
+        zeros: bool,
+    ) -> Vec<Option<Var>> {
         for (i, w) in wrt.iter().enumerate() {
             assert!(
                 self.requires_grad(*w),
@@ -66,7 +216,8 @@ impl<F: Float> Tape<F> {
                 w.0
             );
         }
-        let n = output.0 + 1;
+        let n = seeds.iter().map(|(o, _)| o.0 + 1).max().unwrap_or(0);
+        let size = wrt.iter().map(|w| w.0 + 1).fold(n, usize::max);
 
         // Which nodes lie on a path from some `wrt` to `output`.
         let mut needed = vec![false; n];
@@ -97,9 +248,17 @@ impl<F: Float> Tape<F> {
         self.recording = form == Form::Recorded;
         let scratch = form == Form::Fused;
         let mut holds: Vec<u32> = Vec::new();
-        let mut grads: Vec<Option<Var>> = vec![None; n];
-        grads[output.0] = Some(seed);
-        hold(&mut holds, start, seed);
+        let mut grads: Vec<Option<Var>> = vec![None; size];
+        for &(output, seed) in seeds {
+            grads[output.0] = Some(seed);
+            hold(&mut holds, start, seed);
+        }
+        for (w, a) in wrt.iter().zip(onto) {
+            if let Some(a) = *a {
+                grads[w.0] = Some(a);
+                hold(&mut holds, start, a);
+            }
+        }
         let mut contribs = Vec::with_capacity(4);
         for i in (first..n).rev() {
             if !needed[i] {
@@ -172,7 +331,10 @@ impl<F: Float> Tape<F> {
             return result
                 .into_iter()
                 .zip(wrt)
-                .map(|(g, w)| g.unwrap_or_else(|| self.zeros_like(*w)))
+                .map(|(g, w)| match g {
+                    None if zeros => Some(self.zeros_like(*w)),
+                    g => g,
+                })
                 .collect();
         }
         // Nothing to keep but the gradients themselves: move them out, drop the
@@ -181,8 +343,9 @@ impl<F: Float> Tape<F> {
         let mut values = Vec::with_capacity(wrt.len());
         for (g, w) in result.iter().zip(wrt) {
             let value = match g {
-                None => ArrayD::zeros(self.shape(*w)),
-                Some(g) => match taken.iter().find(|(v, _)| v == g) {
+                None if zeros => Some(ArrayD::zeros(self.shape(*w))),
+                None => None,
+                Some(g) => Some(match taken.iter().find(|(v, _)| v == g) {
                     Some((_, a)) => a.clone(),
                     None if g.0 >= start => {
                         let a = self.take(*g);
@@ -190,13 +353,16 @@ impl<F: Float> Tape<F> {
                         a
                     }
                     None => self.value(*g).clone(),
-                },
+                }),
             };
             values.push(value);
         }
         drop(taken);
         self.truncate(start);
-        values.into_iter().map(|a| self.constant(a)).collect()
+        values
+            .into_iter()
+            .map(|a| a.map(|a| self.constant(a)))
+            .collect()
     }
 
     /// Drops one hold on a scratch node, freeing its value when none is left.

@@ -97,6 +97,21 @@ const PAPER_IMAML: Option<Imaml> = Some(Imaml {
     tolerance: None,
 });
 
+/// MAML's miniImageNet setting (W4), the base of the W4 and W5 rows.
+const W4: Workload = Workload {
+    name: "W4-mini5w1s-5step-SO",
+    kind: Kind::Mini,
+    meta_batch: 4,
+    inner_steps: 5,
+    second_order: true,
+    ways: 5,
+    shots: 1,
+    queries: 15,
+    inner_lr: 0.01,
+    imaml: None,
+    memory: Memory::Stored,
+};
+
 const WORKLOADS: &[Workload] = &[
     Workload {
         name: "W1-sin-1step-SO",
@@ -177,83 +192,35 @@ const WORKLOADS: &[Workload] = &[
         memory: Memory::Stored,
     },
     // MAML's miniImageNet setting (W4) and ResNet-12 on CIFAR-FS (W5).
-    Workload {
-        name: "W4-mini5w1s-5step-SO",
-        kind: Kind::Mini,
-        meta_batch: 4,
-        inner_steps: 5,
-        second_order: true,
-        ways: 5,
-        shots: 1,
-        queries: 15,
-        inner_lr: 0.01,
-        imaml: None,
-        memory: Memory::Stored,
-    },
+    W4,
     Workload {
         name: "W4-mini5w1s-25step-SO",
-        kind: Kind::Mini,
-        meta_batch: 4,
         inner_steps: 25,
-        second_order: true,
-        ways: 5,
-        shots: 1,
-        queries: 15,
-        inner_lr: 0.01,
-        imaml: None,
-        memory: Memory::Stored,
+        ..W4
     },
     Workload {
         name: "W4-mini5w1s-5step-SO-recompute",
-        kind: Kind::Mini,
-        meta_batch: 4,
-        inner_steps: 5,
-        second_order: true,
-        ways: 5,
-        shots: 1,
-        queries: 15,
-        inner_lr: 0.01,
-        imaml: None,
         memory: Memory::Recompute,
+        ..W4
     },
     Workload {
         name: "W4-mini5w1s-25step-SO-recompute",
-        kind: Kind::Mini,
-        meta_batch: 4,
         inner_steps: 25,
-        second_order: true,
-        ways: 5,
-        shots: 1,
-        queries: 15,
-        inner_lr: 0.01,
-        imaml: None,
         memory: Memory::Recompute,
+        ..W4
     },
     Workload {
         name: "W5-cifarfs5w1s-resnet12-1step-SO",
         kind: Kind::ResNet12,
-        meta_batch: 4,
         inner_steps: 1,
-        second_order: true,
-        ways: 5,
-        shots: 1,
-        queries: 15,
-        inner_lr: 0.01,
-        imaml: None,
-        memory: Memory::Stored,
+        ..W4
     },
     Workload {
         name: "W5-cifarfs5w1s-resnet12-1step-FO",
         kind: Kind::ResNet12,
-        meta_batch: 4,
         inner_steps: 1,
         second_order: false,
-        ways: 5,
-        shots: 1,
-        queries: 15,
-        inner_lr: 0.01,
-        imaml: None,
-        memory: Memory::Stored,
+        ..W4
     },
     // Memory against inner steps: MAML records every step, iMAML none.
     Workload {

@@ -392,7 +392,7 @@ impl<F: Float> Tape<F> {
 
     /// Replaces a scratch node's value with an empty array.
     fn free(&mut self, v: Var) {
-        self.nodes[v.0].value = self.empty.clone();
+        self.vacate(v.0);
     }
 
     fn zeros_like(&mut self, v: Var) -> Var {

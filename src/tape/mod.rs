@@ -10,6 +10,10 @@
 //! A tape holds plain arrays and no shared pointers, so it is `Send`: one tape per task
 //! runs inside a rayon worker.
 //!
+//! A tape counts the bytes of the values it holds ([`Tape::bytes`]) and their high-water
+//! mark ([`Tape::peak_bytes`]): the figure the meta-learners use to bound the tasks in
+//! flight by memory ([`MetaConfig::memory_budget`](crate::meta::MetaConfig::memory_budget)).
+//!
 //! ```
 //! use metagrad::Tape;
 //! use ndarray::arr1;
@@ -25,10 +29,12 @@
 //! ```
 
 mod grad;
+pub(crate) mod meter;
 pub mod op;
 mod vjp;
 
 use crate::Float;
+use meter::Meter;
 use ndarray::{ArrayD, IxDyn};
 pub use op::Op;
 
@@ -57,6 +63,17 @@ pub struct Tape<F: Float> {
     recording: bool,
     /// An empty array, cloned (without allocating) into nodes whose values are freed.
     empty: ArrayD<F>,
+    /// Bytes of the values held now, and their high-water mark.
+    bytes: usize,
+    peak: usize,
+    /// Where the bytes are reported as well: the meter of the task that made the tape
+    /// (see [`meter`]), if it is measured.
+    meter: Option<Meter>,
+}
+
+/// The bytes of an array's elements.
+fn size_of_value<F>(a: &ArrayD<F>) -> usize {
+    a.len() * std::mem::size_of::<F>()
 }
 
 impl<F: Float> Default for Tape<F> {
@@ -72,7 +89,57 @@ impl<F: Float> Tape<F> {
             nodes: Vec::with_capacity(256),
             recording: true,
             empty: ArrayD::zeros(IxDyn(&[0])),
+            bytes: 0,
+            peak: 0,
+            meter: Meter::current(),
         }
+    }
+
+    /// The bytes of the values the tape holds now (elements only: not the nodes' own
+    /// bookkeeping, nor the temporary buffers inside ops).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The most bytes of values the tape has held at once since it was made (the
+    /// high-water mark of [`Tape::bytes`]).
+    ///
+    /// ```
+    /// use metagrad::Tape;
+    /// use ndarray::Array1;
+    /// let mut t = Tape::<f32>::new();
+    /// let x = t.param(Array1::zeros(1000).into_dyn());
+    /// let y = t.square(x);
+    /// assert_eq!(t.bytes(), 8000);
+    /// let _ = t.take(y);
+    /// assert_eq!((t.bytes(), t.peak_bytes()), (4000, 8000));
+    /// ```
+    pub fn peak_bytes(&self) -> usize {
+        self.peak
+    }
+
+    /// Counts `n` bytes more.
+    fn grow(&mut self, n: usize) {
+        self.bytes += n;
+        self.peak = self.peak.max(self.bytes);
+        if let Some(m) = &self.meter {
+            m.grow(n);
+        }
+    }
+
+    /// Counts `n` bytes fewer.
+    fn shrink(&mut self, n: usize) {
+        self.bytes -= n;
+        if let Some(m) = &self.meter {
+            m.shrink(n);
+        }
+    }
+
+    /// Replaces the value of node `i` with an empty array, returning it.
+    fn vacate(&mut self, i: usize) -> ArrayD<F> {
+        let a = std::mem::replace(&mut self.nodes[i].value, self.empty.clone());
+        self.shrink(size_of_value(&a));
+        a
     }
 
     /// Places a differentiable leaf (a parameter or an input to differentiate by) on the
@@ -102,6 +169,7 @@ impl<F: Float> Tape<F> {
         } else {
             value.as_standard_layout().into_owned()
         };
+        self.grow(size_of_value(&value));
         self.nodes.push(Node {
             value,
             op: Op::Leaf,
@@ -127,6 +195,7 @@ impl<F: Float> Tape<F> {
         );
         let requires_grad = self.recording && inputs.iter().any(|v| self.requires_grad(*v));
         let op = if requires_grad { op } else { Op::Leaf };
+        self.grow(size_of_value(&value));
         self.nodes.push(Node {
             value,
             op,
@@ -204,13 +273,29 @@ impl<F: Float> Tape<F> {
     /// Removes the value of `v` from the tape and returns it (the node keeps an empty
     /// array). For taking results out of a tape that is about to be dropped.
     pub fn take(&mut self, v: Var) -> ArrayD<F> {
-        std::mem::replace(&mut self.nodes[v.0].value, self.empty.clone())
+        self.vacate(v.0)
     }
 
     /// Drops every node after the first `len` (values computed since a checkpoint of
     /// [`Tape::len`]).
     pub(crate) fn truncate(&mut self, len: usize) {
+        let dropped: usize = self
+            .nodes
+            .get(len..)
+            .unwrap_or_default()
+            .iter()
+            .map(|n| size_of_value(&n.value))
+            .sum();
+        self.shrink(dropped);
         self.nodes.truncate(len);
+    }
+}
+
+impl<F: Float> Drop for Tape<F> {
+    fn drop(&mut self) {
+        if let Some(m) = &self.meter {
+            m.shrink(self.bytes);
+        }
     }
 }
 

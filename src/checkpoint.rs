@@ -178,7 +178,7 @@ impl<F: Float> Checkpoint<F> {
 
     /// What [`restore`](Self::restore) would change in a learner whose configuration is
     /// `current`: one line per field that differs, `"inner_lr: 0.4 -> 0.01"`, sorted
-    /// by field name (`parallel_iterations` and `memory`, the machine's choices, are kept by `restore` and never listed). Empty when the configurations agree. Log it before restoring, so
+    /// by field name (`parallel_iterations`, `memory` and `memory_budget`, the machine's choices, are kept by `restore` and never listed). Empty when the configurations agree. Log it before restoring, so
     /// that a resumed run says which flags of its command line the checkpoint overrides.
     pub fn config_changes(&self, current: &MetaConfig) -> Vec<String> {
         let as_map = |c: &MetaConfig| match serde_json::to_value(c) {
@@ -187,7 +187,12 @@ impl<F: Float> Checkpoint<F> {
         };
         let (old, new) = (as_map(current), as_map(&self.config));
         new.iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "parallel_iterations" | "memory"))
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "parallel_iterations" | "memory" | "memory_budget"
+                )
+            })
             .filter(|(k, v)| old.get(k.as_str()) != Some(v))
             .map(|(k, v)| {
                 let was = old
@@ -269,7 +274,7 @@ impl<F: Float> Checkpoint<F> {
     }
 
     /// Puts the checkpoint into `learner` — parameters, running statistics, step and
-    /// skipped-step counts, and configuration (keeping the learner's `parallel_iterations` and `memory`,
+    /// skipped-step counts, and configuration (keeping the learner's `parallel_iterations`, `memory` and `memory_budget`,
     /// which do not change results) — and returns the optimiser and the random number
     /// generator to continue with. The checkpoint's configuration replaces the learner's:
     /// [`config_changes`](Self::config_changes) lists what that changes, and the
@@ -283,8 +288,11 @@ impl<F: Float> Checkpoint<F> {
         learner: &mut MetaLearner<F, M>,
     ) -> Result<(Optimizer<F>, SamplerRng)> {
         self.check_matches(learner)?;
-        let (parallel_iterations, memory) =
-            (learner.config.parallel_iterations, learner.config.memory);
+        let (parallel_iterations, memory, memory_budget) = (
+            learner.config.parallel_iterations,
+            learner.config.memory,
+            learner.config.memory_budget,
+        );
         learner.params = self.params;
         learner.norm = self.norm;
         learner.step = self.step;
@@ -292,6 +300,7 @@ impl<F: Float> Checkpoint<F> {
         learner.config = MetaConfig {
             parallel_iterations,
             memory,
+            memory_budget,
             ..self.config
         };
         Ok((self.optimizer, self.rng))

@@ -95,6 +95,16 @@ pub struct MetaConfig {
     /// it is the machine's choice, so a checkpoint's restore keeps the learner's.
     #[serde(default, skip_serializing_if = "Memory::is_stored")]
     pub memory: Memory,
+    /// A bound, in bytes, on the memory the tasks in flight hold together: at most
+    /// `budget / per_task` tasks (or task chunks) run at once, and never more than
+    /// [`parallel_iterations`](Self::parallel_iterations). `None` (the default, and what
+    /// configurations and checkpoints without the field read as): no bound but
+    /// `parallel_iterations`. See [`with_memory_budget`](Self::with_memory_budget).
+    ///
+    /// Like `parallel_iterations` and [`memory`](Self::memory) it is the machine's
+    /// choice and changes no result, so a checkpoint's restore keeps the learner's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget: Option<u64>,
 }
 
 /// What the inner loop keeps for the outer backward pass of a second-order (or
@@ -172,7 +182,48 @@ impl MetaConfig {
             on_non_finite: NonFinite::Error,
             implicit: None,
             memory: Memory::Stored,
+            memory_budget: None,
         }
+    }
+
+    /// The same with the tasks in flight bounded by memory: at most `budget_bytes`
+    /// together ([`MetaConfig::memory_budget`]).
+    ///
+    /// The learner measures what one task holds — the bytes of the tensor values on its
+    /// tapes at their peak ([`Tape::peak_bytes`](crate::Tape::peak_bytes), for all the
+    /// tapes a task keeps at once), less under [`Memory::Recompute`] — and runs
+    /// `budget_bytes / per_task` tasks at once, at least one and at most
+    /// [`parallel_iterations`](Self::parallel_iterations) (and the pool's threads). Until
+    /// it has a figure for the step's kind (order, memory mode, inner steps, task chunk
+    /// and task size), the first task runs alone and is measured; every step refreshes
+    /// the figure with its largest task. A budget below one task's need still runs one
+    /// task at a time: the step is never refused.
+    /// [`MetaLearner::concurrency`](super::MetaLearner::concurrency) says what was
+    /// chosen.
+    ///
+    /// The figure counts tensor values only: the temporary buffers inside ops (a
+    /// convolution's unfolded input), the parameters and the allocator's own overhead
+    /// come on top, so leave room for them.
+    ///
+    /// The results (meta-gradient, loss, accuracy, statistics, parameters) are bitwise
+    /// the same at any concurrency: tasks are reduced in their order, whatever ran when.
+    ///
+    /// ```
+    /// use metagrad::data::SinusoidSampler;
+    /// use metagrad::meta::{MetaConfig, MetaLearner, Optimizer, Task};
+    /// use metagrad::nn::Mlp;
+    /// let config = MetaConfig::maml(1, 0.01).with_memory_budget(1 << 30); // 1 GiB
+    /// let mut learner = MetaLearner::<f32, _>::new(Mlp::sinusoid(), config, 0);
+    /// let mut opt = Optimizer::adam(1e-3);
+    /// let batch = SinusoidSampler::new(10, 10, 7).unwrap().sample_batch(4).unwrap();
+    /// learner.meta_step(&Task::from_sinusoid(&batch), &mut opt).unwrap();
+    /// let c = learner.concurrency();
+    /// assert!(c.task_bytes.unwrap() > 0);
+    /// assert!(c.tasks >= 1);
+    /// ```
+    pub fn with_memory_budget(mut self, budget_bytes: u64) -> Self {
+        self.memory_budget = Some(budget_bytes);
+        self
     }
 
     /// The same with another inner-loop memory mode.
@@ -203,13 +254,21 @@ impl MetaConfig {
     ///
     /// # Errors
     /// [`Error::Config`] for an inner learning rate that is not
-    /// finite, or iMAML settings that cannot be used ([`Imaml::validate`]).
+    /// finite, a [memory budget](Self::memory_budget) of zero bytes, or iMAML settings
+    /// that cannot be used ([`Imaml::validate`]).
     pub fn validate(&self) -> Result<()> {
         if !self.inner_lr.is_finite() {
             return Err(Error::Config(format!(
                 "the inner learning rate is {}; it must be a finite number",
                 self.inner_lr
             )));
+        }
+        if self.memory_budget == Some(0) {
+            return Err(Error::Config(
+                "the memory budget is 0 bytes; give a positive number of bytes, or None \
+                 for no bound (a budget below one task's need runs one task at a time)"
+                    .into(),
+            ));
         }
         match &self.implicit {
             Some(imaml) => imaml.validate(self),

@@ -49,9 +49,12 @@ pub use task::{Targets, Task};
 use crate::dist::{get_array, get_vec, put_array, put_vec, Comm, Wire};
 use crate::map_fn::{accumulate_in_order, map_tasks};
 use crate::nn::{Ctx, Model, NormMode, NormState, Observed, Params};
+use crate::tape::meter::Meter;
 use crate::{Error, Float, Result, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
 use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 /// What one meta-step measured (before its update).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,6 +71,90 @@ pub struct StepStats {
     /// iMAML's conjugate gradient, the worst over the meta-batch (`None` for the other
     /// methods, and for first-order iMAML, which runs none).
     pub cg: Option<CgStats>,
+}
+
+/// How many tasks ran at once in a learner's last meta-step (or Reptile step), and the
+/// per-task memory figure that chose it under a
+/// [memory budget](MetaConfig::with_memory_budget). See [`MetaLearner::concurrency`].
+///
+/// It describes the schedule only: results are bitwise the same at any concurrency.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Concurrency {
+    /// At most this many tasks (or task chunks) ran at once: the smallest of
+    /// [`MetaConfig::parallel_iterations`], the memory budget's share
+    /// (`budget / task_bytes`, at least 1), the rayon pool's threads and the number of
+    /// tasks. When the step had no figure yet, its first task ran alone before the
+    /// others ran at this concurrency. 0 before the first step.
+    pub tasks: usize,
+    /// The measured memory of one task: the most bytes of tensor values its tapes held
+    /// at once, the largest over the step's tasks. `None` without a memory budget (no
+    /// task is measured then).
+    pub task_bytes: Option<u64>,
+}
+
+/// What a per-task memory figure was measured on: a figure is reused only for a step
+/// of the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Probe {
+    reptile: bool,
+    second_order: bool,
+    memory: Memory,
+    implicit: bool,
+    inner_steps: usize,
+    /// Tasks per tape, and the elements of the first group's inputs.
+    chunk: usize,
+    elements: usize,
+}
+
+impl Probe {
+    fn new<F: Float>(
+        config: &MetaConfig,
+        reptile: bool,
+        second_order: bool,
+        group: &[Task<F>],
+    ) -> Self {
+        Probe {
+            reptile,
+            second_order,
+            memory: config.memory,
+            implicit: config.implicit.is_some(),
+            inner_steps: config.inner_steps,
+            chunk: group.len(),
+            elements: group
+                .iter()
+                .map(|t| t.support_x.len() + t.query_x.len())
+                .sum(),
+        }
+    }
+}
+
+/// The learner's record of its schedule: the last per-task figure (and what it was
+/// measured on) and the last step's concurrency.
+#[derive(Debug, Default)]
+struct Schedule(Mutex<(Option<(Probe, u64)>, Concurrency)>);
+
+impl Schedule {
+    fn lock(&self) -> MutexGuard<'_, (Option<(Probe, u64)>, Concurrency)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Clone for Schedule {
+    fn clone(&self) -> Self {
+        Schedule(Mutex::new(*self.lock()))
+    }
+}
+
+/// An error of the tasks after the first `offset` of a batch (run apart), renumbered
+/// as the batch's.
+fn shift_task_error(e: Error, offset: usize) -> Error {
+    match e {
+        Error::Task { index, message } => Error::Task {
+            index: index + offset,
+            message,
+        },
+        e => e,
+    }
 }
 
 /// What one tape computed for a group of tasks: the meta-gradient (or, for Reptile, the
@@ -247,6 +334,7 @@ pub struct MetaLearner<F: Float, M> {
     pub skipped_steps: u64,
     net_len: usize,
     comm: Comm,
+    schedule: Schedule,
 }
 
 impl<F: Float, M: Model<F>> MetaLearner<F, M> {
@@ -287,7 +375,80 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             skipped_steps: 0,
             net_len,
             comm: Comm::local(),
+            schedule: Schedule::default(),
         }
+    }
+
+    /// How many tasks ran at once in the last meta-step (or Reptile step or
+    /// meta-gradient), and, under a [memory budget](MetaConfig::with_memory_budget), the
+    /// per-task figure that chose it. A budget below one task's need shows here as
+    /// `tasks: 1`.
+    pub fn concurrency(&self) -> Concurrency {
+        self.schedule.lock().1
+    }
+
+    /// Runs `f(0), …, f(n − 1)` (each a group of tasks) across the ranks and the rayon
+    /// pool, at most [`MetaConfig::parallel_iterations`] at once and, under a memory
+    /// budget, at most as many as the budget holds by the per-task figure. Without a
+    /// figure for this kind of step ([`Probe`]), the first group runs alone and is
+    /// measured (on one process; across ranks, where the ranks must make the same
+    /// exchanges, the whole step runs one group at a time). The results come back in
+    /// order, so they do not depend on the schedule.
+    fn map_groups<T: crate::dist::Wire + Send>(
+        &self,
+        n: usize,
+        probe: Probe,
+        f: impl Fn(usize) -> T + Sync,
+    ) -> Result<Vec<T>> {
+        let bound = self.config.parallel_iterations.max(1);
+        let in_flight = |k: usize| k.min(rayon::current_num_threads()).min(n).max(1);
+        let Some(budget) = self.config.memory_budget else {
+            let out = self.comm.map(n, bound, f)?;
+            self.schedule.lock().1 = Concurrency {
+                tasks: in_flight(bound),
+                task_bytes: None,
+            };
+            return Ok(out);
+        };
+        let known = match self.schedule.lock().0 {
+            Some((p, bytes)) if p == probe => Some(bytes),
+            _ => None,
+        };
+        let share = |per_task: u64| {
+            let k = budget / per_task.max(1);
+            usize::try_from(k).unwrap_or(usize::MAX).clamp(1, bound)
+        };
+        let largest = AtomicU64::new(0);
+        let measured = |i: usize| {
+            let meter = Meter::new();
+            let r = meter.measure(|| f(i));
+            largest.fetch_max(meter.peak() as u64, Ordering::Relaxed);
+            r
+        };
+        let (out, k) = match known {
+            Some(per_task) => {
+                let k = share(per_task);
+                (self.comm.map(n, k, measured)?, k)
+            }
+            None if self.comm.size() == 1 && n > 1 => {
+                let mut out = map_tasks(1, 1, |_| measured(0))?;
+                let k = share(largest.load(Ordering::Relaxed));
+                let rest =
+                    map_tasks(n - 1, k, |i| measured(i + 1)).map_err(|e| shift_task_error(e, 1))?;
+                out.extend(rest);
+                (out, k)
+            }
+            None => (self.comm.map(n, 1, measured)?, 1),
+        };
+        let per_task = largest.load(Ordering::Relaxed);
+        *self.schedule.lock() = (
+            Some((probe, per_task)),
+            Concurrency {
+                tasks: in_flight(k),
+                task_bytes: Some(per_task),
+            },
+        );
+        Ok(out)
     }
 
     /// Replaces the meta-parameters (e.g. from a checkpoint).
@@ -529,11 +690,10 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
         let second_order = self.config.order.second_order_at(self.step);
         let chunk = Task::chunk_size(tasks, self.config.task_chunk, self.model.batches_tasks());
         let groups: Vec<&[Task<F>]> = tasks.chunks(chunk).collect();
-        let per_group = self
-            .comm
-            .map(groups.len(), self.config.parallel_iterations, |i| {
-                self.run_group(groups[i], i * chunk, second_order)
-            })?;
+        let probe = Probe::new(&self.config, false, second_order, groups[0]);
+        let per_group = self.map_groups(groups.len(), probe, |i| {
+            self.run_group(groups[i], i * chunk, second_order)
+        })?;
         // A chunk that is not finite is rerun task by task to name the culprits (only on
         // this failure path).
         let mut bad = Vec::new();
@@ -789,39 +949,38 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             ));
         }
         let steps = self.config.inner_steps;
-        let per_task = self
-            .comm
-            .map(tasks.len(), self.config.parallel_iterations, |i| {
-                let task = &tasks[i];
-                let mut t = Tape::new();
-                let theta = self.params.place(&mut t);
-                let net = &theta[..self.net_len];
-                let mut ctx = self.train_ctx(i);
-                let inner = InnerLoop {
-                    rule: InnerRule::Sgd,
-                    ..self.inner_loop(steps, false)
-                };
-                let run = inner.episode(&mut t, net, &[], task, &last_step_only(steps), &mut ctx);
-                let last = run.trajectory.last().expect("trajectory");
-                let acc = task.query_y.accuracy(t.value(run.query_out));
-                // φ for the network; the learned rates (if any) do not move.
-                let phi: Vec<ArrayD<F>> = last
-                    .iter()
-                    .map(|v| t.value(*v).clone())
-                    .chain(self.params.tensors()[self.net_len..].iter().cloned())
-                    .collect();
-                let loss = t.item(run.loss);
-                GroupResult {
-                    finite: loss.is_finite()
-                        && phi.iter().all(all_finite)
-                        && observed_finite(&ctx.observed),
-                    result: phi,
-                    loss,
-                    accuracy: acc,
-                    observed: ctx.observed,
-                    cg: None,
-                }
-            })?;
+        let probe = Probe::new(&self.config, true, false, &tasks[..1]);
+        let per_task = self.map_groups(tasks.len(), probe, |i| {
+            let task = &tasks[i];
+            let mut t = Tape::new();
+            let theta = self.params.place(&mut t);
+            let net = &theta[..self.net_len];
+            let mut ctx = self.train_ctx(i);
+            let inner = InnerLoop {
+                rule: InnerRule::Sgd,
+                ..self.inner_loop(steps, false)
+            };
+            let run = inner.episode(&mut t, net, &[], task, &last_step_only(steps), &mut ctx);
+            let last = run.trajectory.last().expect("trajectory");
+            let acc = task.query_y.accuracy(t.value(run.query_out));
+            // φ for the network; the learned rates (if any) do not move.
+            let phi: Vec<ArrayD<F>> = last
+                .iter()
+                .map(|v| t.value(*v).clone())
+                .chain(self.params.tensors()[self.net_len..].iter().cloned())
+                .collect();
+            let loss = t.item(run.loss);
+            GroupResult {
+                finite: loss.is_finite()
+                    && phi.iter().all(all_finite)
+                    && observed_finite(&ctx.observed),
+                result: phi,
+                loss,
+                accuracy: acc,
+                observed: ctx.observed,
+                cg: None,
+            }
+        })?;
         let bad = (0..tasks.len()).filter(|&i| !per_task[i].finite).collect();
         let n = tasks.len();
         let inv = F::c(1.0 / n as f64);

@@ -3,7 +3,7 @@
 //! what one timed step contains).
 //!
 //! ```text
-//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--alone]
+//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--memory-budget MiB] [--alone]
 //! # across processes: build with the feature, then start the binary with mpirun
 //! cargo bench --features mpi --bench maml_step --no-run
 //! mpirun -np 2 target/release/deps/maml_step-* --threads 1 --only W2-omni5w1s-1step-SO
@@ -25,6 +25,10 @@
 //! trimmed heap, the recomputing one first), the ratios, and whether the two stayed
 //! bitwise equal; `--alone` runs them without the stored path, for a peak resident set
 //! it cannot touch.
+//!
+//! `--memory-budget MiB` bounds the tasks in flight by memory
+//! (`MetaConfig::with_memory_budget`): the lines then say how many tasks ran at once and
+//! the measured bytes per task (`MetaLearner::concurrency`).
 //!
 //! One timed step: every task's inner loop, query loss and meta-gradient, plus the outer
 //! Adam step; task data is made before the timer starts; f32; the median of `--steps`
@@ -563,6 +567,8 @@ struct Settings {
     warmup: usize,
     threads: usize,
     chunk: Option<usize>,
+    /// `--memory-budget`, in bytes.
+    budget: Option<u64>,
     /// Run `-recompute` workloads without their stored path beside them.
     alone: bool,
     comm: Comm,
@@ -612,6 +618,7 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         warmup,
         threads,
         chunk,
+        budget,
         alone,
         ref comm,
         peak,
@@ -620,6 +627,7 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
     if let Some(c) = chunk {
         config.task_chunk = c;
     }
+    config.memory_budget = budget;
     if !w.second_order {
         config = config.with_order(Order::First);
     }
@@ -691,6 +699,7 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
     let (sent, received) = comm.traffic();
     let per_step = |now: u64, then: u64| (now - then) as f64 / steps as f64;
     let (sent, received) = (per_step(sent, traffic.0), per_step(received, traffic.1));
+    let concurrency = learner.concurrency();
     let check = check_cost(&learner, &opt, &make());
     let exchange = exchange_cost(&learner, comm, w.meta_batch);
     let tps = w.meta_batch as f64 / median;
@@ -736,7 +745,21 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
         "peak_gflops": peak, "fraction_of_peak": fraction,
         "bytes_sent_per_step": sent, "bytes_received_per_step": received,
         "memory": format!("{:?}", w.memory),
+        "tasks_in_flight": concurrency.tasks,
     });
+    if let Some(b) = budget {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let task = concurrency.task_bytes.map_or(0.0, mib);
+        println!(
+            "{:24} memory budget {:.0} MiB: {} tasks at once, {task:.0} MiB of tensor values per task",
+            "",
+            mib(b),
+            concurrency.tasks
+        );
+        let o = json.as_object_mut().expect("an object");
+        o.insert("memory_budget_mb".into(), mib(b).into());
+        o.insert("task_mb".into(), task.into());
+    }
     if let Some((_, _, m)) = &stored {
         let (s_median, s_min, s_max) = m.summary();
         let s_fraction = gflop / s_median / peak;
@@ -850,6 +873,7 @@ fn main() {
     let mut only: Vec<String> = Vec::new();
     let (mut steps, mut warmup, mut threads) = (20usize, 3usize, 2usize);
     let mut chunk = None;
+    let mut budget = None;
     let mut alone = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -865,11 +889,12 @@ fn main() {
             "--warmup" => warmup = num("--warmup"),
             "--threads" => threads = num("--threads").max(1),
             "--task-chunk" => chunk = Some(num("--task-chunk").max(1)),
+            "--memory-budget" => budget = Some((num("--memory-budget").max(1) as u64) << 20),
             "--alone" => alone = true,
             "--bench" => {}
             other if !other.starts_with("--") && !only.is_empty() => only.push(other.to_string()),
             other => {
-                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--alone]");
+                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--memory-budget MiB] [--alone]");
                 std::process::exit(2);
             }
         }
@@ -905,6 +930,7 @@ fn main() {
         warmup,
         threads,
         chunk,
+        budget,
         alone,
         comm,
         peak,

@@ -4,7 +4,8 @@
 //! and 2 threads (MAML second and first order, stored and recomputed inner loops, Meta-SGD,
 //! iMAML, task chunks on one tape, Reptile); the chosen concurrency drops to one task
 //! under a tiny budget and rises under a large one, and the scheduler honours it; the
-//! field stays out of old configurations and checkpoints.
+//! field stays out of old configurations and checkpoints; ranks under a budget end each
+//! step bitwise as one process.
 
 mod common;
 
@@ -375,4 +376,28 @@ fn a_budget_of_zero_bytes_is_refused() {
         .with_memory_budget(1)
         .validate()
         .is_ok());
+}
+
+#[test]
+fn a_budget_across_ranks_gives_bitwise_one_process() {
+    // Five tasks, so that three ranks hold blocks of different sizes.
+    let batches: Vec<Vec<Task<f32>>> = (0..3).map(|i| image_tasks(5, 60 + i)).collect();
+    let base = MetaLearner::new(tiny_conv(), MetaConfig::maml(1, 0.2), 61);
+    for reptile in [false, true] {
+        let (want, _) = run(&base, &batches, None, 1, reptile);
+        for size in [2, 3] {
+            for budget in [Some(1), Some(u64::MAX)] {
+                let got = common::on_ranks(size, |comm| {
+                    let l = base.clone().with_comm(comm).unwrap();
+                    run(&l, &batches, budget, 2, reptile).0
+                });
+                for (rank, g) in got.iter().enumerate() {
+                    assert!(
+                        *g == want,
+                        "reptile={reptile}, budget {budget:?}: rank {rank} of {size} differs"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -44,8 +44,9 @@
 //! resumed run appends, and its times continue from the last row kept. The rows kept are
 //! read back exactly into [`Summary::history`], so that a curve drawn from it covers the
 //! whole run. The checkpoint's configuration replaces the learner's (a note on stderr says
-//! what changes), except for `parallel_iterations` and `on_non_finite`, which are this
-//! run's choice; a checkpoint taken with another meta-batch size is refused.
+//! what changes), except for `parallel_iterations`, `memory`, `memory_budget` and
+//! `on_non_finite`, which are this run's choice; a checkpoint taken with another
+//! meta-batch size is refused.
 //!
 //! # Under MPI
 //! Every rank runs the loop (each computes its share of every meta-batch); only the root

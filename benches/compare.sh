@@ -3,7 +3,12 @@
 # `maml_step` bench back to back, workload by workload, on the same threads, and prints
 # the ratio of median step times. Machines are noisy: compare ratios from one run.
 #
-#   benches/compare.sh [--threads N] [--steps N] [--only NAME ...] [--no-jax]
+#   benches/compare.sh [--threads N] [--steps N] [--only NAME ...] [--no-jax] [--eval-tasks N]
+#
+# W4-mini5w1s-eval600-10step is the evaluation protocol instead of a training step: 600
+# tasks (--eval-tasks N for fewer) of W4's shapes, each adapted with 10 first-order steps at
+# 0.01 (batch norm with batch statistics, transductive), timed whole, once, on each side:
+# benches/eval_torch.py against maml_step's workload of that name (--steps 1).
 #
 # Environment:
 #   METAGRAD_REF       folder with maml_torch.py and maml_jax.py   (default ../shared/ref)
@@ -12,12 +17,13 @@
 #                      torch, jax, jaxlib and numpy are installed into it with pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=2; steps=20; jax=1; only=()
+threads=2; steps=20; jax=1; only=(); eval_tasks=600
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
     --no-jax) jax=0; shift ;;
+    --eval-tasks) eval_tasks="$2"; shift 2 ;;
     --only) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do only+=("$1"); shift; done ;;
     *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -35,7 +41,8 @@ if ! "$venv/bin/python" -c "import $mods" 2>/dev/null; then
 fi
 [ ${#only[@]} -gt 0 ] || only=(W1-sin-1step-SO W1-sin-5step-SO W2-omni5w1s-1step-SO W2-omni5w1s-5step-SO W2-omni5w1s-1step-FO W3-omni20w1s-1step-SO
   W4-mini5w1s-5step-SO W4-mini5w1s-25step-SO W4-mini5w1s-5step-SO-recompute W4-mini5w1s-25step-SO-recompute
-  W5-cifarfs5w1s-resnet12-1step-SO W5-cifarfs5w1s-resnet12-1step-FO)
+  W5-cifarfs5w1s-resnet12-1step-SO W5-cifarfs5w1s-resnet12-1step-FO W4-mini5w1s-eval600-10step)
+evalw=W4-mini5w1s-eval600-10step
 cpus=$(seq -s, 0 $((threads - 1)))
 echo "building the bench ..."
 bench=$(cargo bench --bench maml_step --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
@@ -51,34 +58,49 @@ run() {
 median() { awk -v w="$1" '$1 == w && $2 == "median" { print $3; exit }' "$2"; }
 # json KEY FILE: a number from the bench's JSON line.
 json() { sed -n "s/.*\"$1\":\([0-9.e+-]*\).*/\1/p" "$2" | head -1; }
+# acc FILE: the accuracy line of an evaluation run, up to its closing parenthesis.
+acc() { sed -n 's/^ *accuracy \([^)]*)\).*/\1/p' "$1" | head -1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }'; }
 peak=""
-printf '\n%-24s %10s %10s %11s %9s %9s %10s %10s %8s\n' workload "torch s" "jax s" "metagrad s" "vs torch" "vs jax" "torch MiB" "ours MiB" "of peak"
+printf '\n%-26s %10s %10s %11s %9s %9s %10s %10s %8s\n' workload "torch s" "jax s" "metagrad s" "vs torch" "vs jax" "torch MiB" "ours MiB" "of peak"
 for w in "${only[@]}"; do
-  # A -recompute workload is its stored workload in another memory mode: the same
-  # reference run.
-  run torch "$venv/bin/python" "$ref/maml_torch.py" --threads "$threads" --steps "$steps" --only "${w%-recompute}"
+  if [ "$w" = "$evalw" ]; then
+    # The evaluation protocol: one timed repetition of the whole protocol on each side.
+    run torch env METAGRAD_REF="$ref" "$venv/bin/python" benches/eval_torch.py --threads "$threads" --tasks "$eval_tasks" --steps 10
+  else
+    # A -recompute workload is its stored workload in another memory mode: the same
+    # reference run.
+    run torch "$venv/bin/python" "$ref/maml_torch.py" --threads "$threads" --steps "$steps" --only "${w%-recompute}"
+  fi
   j="-"
   if [ "$jax" = 1 ] && [ "${w#W1}" != "$w" ]; then
     run jax taskset -c "$cpus" "$venv/bin/python" "$ref/maml_jax.py" --steps "$steps" --only "$w"
     j=$(median "$w" "$tmp/jax")
   fi
-  run ours "$bench" --threads "$threads" --steps "$steps" --only "$w"
+  if [ "$w" = "$evalw" ]; then
+    run ours "$bench" --threads "$threads" --steps 1 --warmup 0 --eval-tasks "$eval_tasks" --only "$w"
+  else
+    run ours "$bench" --threads "$threads" --steps "$steps" --only "$w"
+  fi
   t=$(median "${w%-recompute}" "$tmp/torch"); m=$(median "$w" "$tmp/ours")
   # Our peak resident set is the bench's own figure for the workload: the process's
   # maximum also holds the start-up peak measurement's buffers.
   rss=$(json peak_rss_mb "$tmp/ours" | awk '{ printf "%.0f", $1 }')
   frac=$(json fraction_of_peak "$tmp/ours" | awk '{ printf "%.1f%%", 100 * $1 }')
   peak="$peak $(json peak_gflops "$tmp/ours" | awk '{ printf "%.0f", $1 }')"
-  printf '%-24s %10s %10s %11s %9s %9s %10s %10s %8s\n' "$w" "$t" "$j" "$m" "$(ratio "$t" "$m")" "$(ratio "$j" "$m")" "$(cat "$tmp/torch.rss")" "${rss:--}" "${frac:--}"
+  printf '%-26s %10s %10s %11s %9s %9s %10s %10s %8s\n' "$w" "$t" "$j" "$m" "$(ratio "$t" "$m")" "$(ratio "$j" "$m")" "$(cat "$tmp/torch.rss")" "${rss:--}" "${frac:--}"
   # Memory::Recompute runs beside its stored path, alternating: both figures.
   sm=$(json stored_median_s "$tmp/ours")
   if [ -n "$sm" ]; then
     srss=$(json stored_peak_rss_mb "$tmp/ours" | awk '{ printf "%.0f", $1 }')
     sfrac=$(json stored_fraction_of_peak "$tmp/ours" | awk '{ printf "%.1f%%", 100 * $1 }')
     same=$(sed -n 's/.*"bitwise_equal":\([a-z]*\).*/\1/p' "$tmp/ours" | head -1)
-    printf '%-24s %10s %10s %11.5f %9s %9s %10s %10s %8s  (its stored path, alternating; recompute/stored time %s, bitwise equal: %s)\n' \
+    printf '%-26s %10s %10s %11.5f %9s %9s %10s %10s %8s  (its stored path, alternating; recompute/stored time %s, bitwise equal: %s)\n' \
       "  stored path" "" "" "$sm" "$(ratio "$t" "$sm")" "" "" "$srss" "$sfrac" "$(ratio "$m" "$sm")" "$same"
+  fi
+  # The evaluation protocol: each side's accuracy on the random tasks (chance is 20%).
+  if [ "$w" = "$evalw" ]; then
+    printf '%-26s ours %s; torch %s\n' "  accuracy" "$(acc "$tmp/ours")" "$(acc "$tmp/torch")"
   fi
 done
 echo "of peak: the fraction of the $threads-thread matrix-product peak that maml_step measured at its start (GFLOP/s per run:$peak)"
@@ -87,4 +109,6 @@ echo "(ratios > 1 mean metagrad is faster; $threads threads each, median of $ste
 echo " torch MiB = peak resident set of the whole process, from /usr/bin/time; ours = the"
 echo " workload's own peak resident set, as maml_step reports it; a -recompute workload"
 echo " runs with Memory::Recompute beside its stored path, step by step alternating, each"
-echo " one's peak resident set from one untimed step on a trimmed heap)"
+echo " one's peak resident set from one untimed step on a trimmed heap; $evalw:"
+echo " seconds for the whole protocol on $eval_tasks tasks, one repetition each, both MiB"
+echo " figures with the tasks' data, made before the timer)"

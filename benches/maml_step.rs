@@ -3,7 +3,7 @@
 //! what one timed step contains).
 //!
 //! ```text
-//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--memory-budget MiB] [--alone]
+//! cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--memory-budget MiB] [--alone] [--eval-tasks N]
 //! # across processes: build with the feature, then start the binary with mpirun
 //! cargo bench --features mpi --bench maml_step --no-run
 //! mpirun -np 2 target/release/deps/maml_step-* --threads 1 --only W2-omni5w1s-1step-SO
@@ -30,6 +30,15 @@
 //! (`MetaConfig::with_memory_budget`): the lines then say how many tasks ran at once and
 //! the measured bytes per task (`MetaLearner::concurrency`).
 //!
+//! Evaluation speed: `W4-mini5w1s-eval600-10step` times the evaluation protocol
+//! (`metagrad::eval::evaluate`) on 600 held-out tasks of W4's shapes (`--eval-tasks N` for
+//! fewer), each adapted with 10 first-order inner steps at 0.01, batch norm transductive
+//! (batch statistics of the support set, then of the query set, as the reference's
+//! `training=True` batch norm), mirroring `benches/eval_torch.py`. One repetition is the
+//! whole protocol; `--steps` repetitions are timed (the median is printed) after one
+//! untimed evaluation of as many tasks as threads; the 600 tasks' data is made before the
+//! timer. It runs only when named with `--only` (one repetition takes minutes).
+//!
 //! One timed step: every task's inner loop, query loss and meta-gradient, plus the outer
 //! Adam step; task data is made before the timer starts; f32; the median of `--steps`
 //! steps after `--warmup` steps. For each workload a human line like the reference
@@ -42,9 +51,10 @@
 //! products (convolutions or linear layers), see [`step_flops`].
 
 use metagrad::dist::Comm;
+use metagrad::eval::{evaluate, DEFAULT_EVAL_TASKS};
 use metagrad::map_fn::with_threads;
 use metagrad::meta::{Imaml, Memory, MetaConfig, MetaLearner, Optimizer, Order, Targets, Task};
-use metagrad::nn::{Conv4, Mlp, Model, ResNet12};
+use metagrad::nn::{Conv4, Mlp, Model, NormMode, ResNet12};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -294,6 +304,16 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
+/// The evaluation protocol on W4's shapes (issue 19): `inner_steps` first-order
+/// test-time steps per task, no meta-batch (the number of tasks is `--eval-tasks`, 600 by
+/// default). Run by [`run_eval`], only when named with `--only`.
+const EVAL: Workload = Workload {
+    name: "W4-mini5w1s-eval600-10step",
+    inner_steps: 10,
+    second_order: false,
+    ..W4
+};
+
 /// Floating-point operations of one meta-step's matrix products (2 per multiply-add),
 /// counted from the network's layers and the workload's shape.
 ///
@@ -331,6 +351,15 @@ fn recomputed_flops(w: &Workload) -> f64 {
     let (fwd, dx, dw) = layer_flops(w.kind);
     let (s, _) = examples(w);
     w.inner_steps.saturating_sub(1) as f64 * s * (fwd + dx + dw) * w.meta_batch as f64
+}
+
+/// Matrix-product work of evaluating one task, counted as [`step_flops`] counts it:
+/// `inner_steps` first-order support steps, `S·(fwd + dx + dw)` each, and the query set's
+/// forward pass, `Q·fwd` (no backward).
+fn eval_flops(w: &Workload) -> f64 {
+    let (fwd, dx, dw) = layer_flops(w.kind);
+    let (s, q) = examples(w);
+    w.inner_steps as f64 * s * (fwd + dx + dw) + q * fwd
 }
 
 /// Support and query examples per task.
@@ -508,8 +537,13 @@ fn sinusoid_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
 /// Image tasks as the reference makes them (`omniglot_batch`): standard-normal images
 /// of the workload's channels and size, labels `0..N` each repeated `K` (or `Q`) times.
 fn image_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
+    image_tasks_n(rng, w, w.meta_batch)
+}
+
+/// `n` image tasks of the workload's shapes, as [`image_tasks`] makes them.
+fn image_tasks_n(rng: &mut ChaCha8Rng, w: &Workload, n: usize) -> Vec<Task<f32>> {
     let (c, hw) = w.kind.image().expect("an image workload");
-    (0..w.meta_batch)
+    (0..n)
         .map(|_| {
             let mut images = |n: usize| {
                 ArrayD::from_shape_simple_fn(IxDyn(&[n, c, hw, hw]), || {
@@ -531,6 +565,17 @@ fn image_tasks(rng: &mut ChaCha8Rng, w: &Workload) -> Vec<Task<f32>> {
         .collect()
 }
 
+/// W4's network: Conv-4 with 32 filters on 3×84×84 images (an 800 → `ways` head).
+fn mini_conv4(ways: usize) -> Conv4 {
+    Conv4 {
+        in_channels: 3,
+        image_size: 84,
+        filters: 32,
+        ways,
+        ..Conv4::omniglot(ways)
+    }
+}
+
 fn rand_distr_normal() -> ndarray_rand::rand_distr::StandardNormal {
     ndarray_rand::rand_distr::StandardNormal
 }
@@ -549,10 +594,15 @@ fn reset_peak_rss() {
 
 /// Peak resident set since the last reset, in MiB (Linux; 0 elsewhere).
 fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// A memory figure of `/proc/self/status` (in kB there), in MiB (Linux; 0 elsewhere).
+fn status_mb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<f64>().ok())
@@ -798,6 +848,95 @@ fn run<M: Model<f32> + Clone + std::fmt::Debug>(
     println!("{json}");
 }
 
+/// The evaluation protocol, timed: `eval::evaluate` on `n_tasks` random tasks of the
+/// workload's shapes (made before the timer), `w.inner_steps` first-order steps at
+/// `w.inner_lr`, batch norm transductive, as many tasks at once as threads. One untimed
+/// evaluation of as many tasks as threads first, then `steps` timed repetitions of the
+/// whole protocol.
+fn run_eval(w: &Workload, n_tasks: usize, settings: &Settings) {
+    let Settings {
+        steps,
+        threads,
+        ref comm,
+        peak,
+        ..
+    } = *settings;
+    let mode = NormMode::Transductive;
+    let config = MetaConfig::maml(w.inner_steps, w.inner_lr).with_order(Order::First);
+    let learner = MetaLearner::<f32, _>::new(mini_conv4(w.ways), config, 0)
+        .with_comm(comm.clone())
+        .expect("every rank runs the same workload");
+    let t0 = Instant::now();
+    let tasks = image_tasks_n(&mut ChaCha8Rng::seed_from_u64(0), w, n_tasks);
+    let made = t0.elapsed().as_secs_f64();
+    let data_mb = tasks
+        .iter()
+        .map(|t| (t.support_x.len() + t.query_x.len()) * 4)
+        .sum::<usize>() as f64
+        / (1024.0 * 1024.0);
+    let warm = &tasks[..threads.min(n_tasks)];
+    evaluate(&learner, warm, w.inner_steps, mode, usize::MAX).expect("evaluation");
+    reset_peak_rss();
+    let base_mb = status_mb("VmRSS:");
+    let mut times = Vec::with_capacity(steps);
+    let mut report = None;
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        let r = std::hint::black_box(
+            evaluate(&learner, &tasks, w.inner_steps, mode, usize::MAX).expect("evaluation"),
+        );
+        times.push(t0.elapsed().as_secs_f64());
+        report = Some(r);
+    }
+    let rss = peak_rss_mb();
+    let report = report.expect("at least one repetition");
+    let m = Measured {
+        times,
+        losses: Vec::new(),
+        rss,
+    };
+    let (median, min, max) = m.summary();
+    if !comm.is_root() {
+        return;
+    }
+    let per_task = median / n_tasks as f64;
+    let tps = n_tasks as f64 / median;
+    println!(
+        "{:24} median {median:9.5} s/protocol  min {min:9.5}  max {max:9.5}  tasks/s {tps:9.1}  per task {:.2} ms  (tasks={n_tasks}, repetitions={steps}, inner steps={} at {}, first order, batch norm: {mode}, threads={threads}, peak RSS {rss:.0} MiB with the task data's {data_mb:.0} MiB; {:.0} MiB before the timer)",
+        w.name,
+        per_task * 1e3,
+        w.inner_steps,
+        w.inner_lr,
+        base_mb,
+    );
+    println!(
+        "{:24} accuracy {report}, mean query loss {:.4}; task data made in {made:.1} s, before the timer",
+        "", report.mean_loss
+    );
+    let gflop = eval_flops(w) * n_tasks as f64 / 1e9;
+    let fraction = gflop / median / peak;
+    println!(
+        "{:24} {:.1} GFLOP/protocol in matrix products ({:.2} per task): {:.1} GFLOP/s = {:.1}% of the {:.0} GFLOP/s peak on {threads} threads",
+        "",
+        gflop,
+        gflop / n_tasks as f64,
+        gflop / median,
+        100.0 * fraction,
+        peak
+    );
+    let json = serde_json::json!({
+        "workload": w.name, "median_s": median, "min_s": min, "max_s": max,
+        "tasks": n_tasks, "per_task_ms": per_task * 1e3, "tasks_per_s": tps,
+        "repetitions": steps, "inner_steps": w.inner_steps, "inner_lr": w.inner_lr,
+        "order": "first", "norm_mode": mode.to_string(), "threads": threads,
+        "ranks": comm.size(), "peak_rss_mb": rss, "task_data_mb": data_mb,
+        "rss_before_timer_mb": base_mb, "gflop_per_protocol": gflop, "peak_gflops": peak,
+        "fraction_of_peak": fraction, "mean_accuracy": report.mean_accuracy,
+        "ci95": report.ci95, "mean_loss": report.mean_loss, "diverged": report.diverged,
+    });
+    println!("{json}");
+}
+
 /// The time of one step's exchange alone (median of repeats): every task's gradient (as
 /// many 4-byte floats as the model has parameters) all-gathered across the ranks.
 fn exchange_cost<M: Model<f32> + Clone>(
@@ -875,6 +1014,7 @@ fn main() {
     let mut chunk = None;
     let mut budget = None;
     let mut alone = false;
+    let mut eval_tasks = DEFAULT_EVAL_TASKS;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |what: &str| -> usize {
@@ -891,20 +1031,22 @@ fn main() {
             "--task-chunk" => chunk = Some(num("--task-chunk").max(1)),
             "--memory-budget" => budget = Some((num("--memory-budget").max(1) as u64) << 20),
             "--alone" => alone = true,
+            "--eval-tasks" => eval_tasks = num("--eval-tasks").max(1),
             "--bench" => {}
             other if !other.starts_with("--") && !only.is_empty() => only.push(other.to_string()),
             other => {
-                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--memory-budget MiB] [--alone]");
+                eprintln!("maml_step: unknown argument {other}; usage: cargo bench --bench maml_step -- [--only NAME ...] [--steps N] [--warmup N] [--threads N] [--task-chunk N] [--memory-budget MiB] [--alone] [--eval-tasks N]");
                 std::process::exit(2);
             }
         }
     }
     for name in &only {
-        if !WORKLOADS.iter().any(|w| w.name == name) {
+        if !WORKLOADS.iter().chain([&EVAL]).any(|w| w.name == name) {
             eprintln!(
                 "maml_step: unknown workload {name}; known: {}",
                 WORKLOADS
                     .iter()
+                    .chain([&EVAL])
                     .map(|w| w.name)
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -956,16 +1098,12 @@ fn main() {
                     &mut || image_tasks(rng, w),
                     &settings,
                 ),
-                Kind::Mini => {
-                    let model = Conv4 {
-                        in_channels: 3,
-                        image_size: 84,
-                        filters: 32,
-                        ways: w.ways,
-                        ..Conv4::omniglot(w.ways)
-                    };
-                    run(w, model, &mut || image_tasks(rng, w), &settings)
-                }
+                Kind::Mini => run(
+                    w,
+                    mini_conv4(w.ways),
+                    &mut || image_tasks(rng, w),
+                    &settings,
+                ),
                 Kind::ResNet12 => run(
                     w,
                     ResNet12::new(w.ways, 32),
@@ -973,6 +1111,9 @@ fn main() {
                     &settings,
                 ),
             }
+        }
+        if only.iter().any(|n| n == EVAL.name) {
+            run_eval(&EVAL, eval_tasks, &settings);
         }
     });
     if comm.is_root() {

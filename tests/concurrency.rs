@@ -401,3 +401,29 @@ fn a_budget_across_ranks_gives_bitwise_one_process() {
         }
     }
 }
+
+/// A rank whose block of a step is empty (fewer tasks than ranks) measures nothing; the
+/// next step of the same kind must still be bounded by a real figure, not by 0 bytes.
+#[test]
+fn a_rank_without_tasks_keeps_the_bound() {
+    let one = image_tasks(1, 70);
+    let five = image_tasks(5, 71);
+    let base = MetaLearner::new(tiny_conv(), MetaConfig::maml(1, 0.2), 72);
+    // Room for one task and a half: one task at a time.
+    let budget = Budget::Tasks(1).bytes(per_task(&base, &five, false));
+    let got = common::on_ranks(3, |comm| {
+        let mut l = base.clone().with_comm(comm).unwrap();
+        l.config.memory_budget = budget;
+        with_threads(2, || {
+            let mut opt = Optimizer::adam(1e-3);
+            // One task for three ranks: ranks 1 and 2 run nothing.
+            l.meta_step(&one, &mut opt).unwrap();
+            l.meta_step(&five, &mut opt).unwrap();
+            l.concurrency()
+        })
+    });
+    for (rank, c) in got.iter().enumerate() {
+        assert_eq!(c.tasks, 1, "rank {rank}: {c:?}");
+        assert!(c.task_bytes.is_some_and(|b| b > 0), "rank {rank}: {c:?}");
+    }
+}

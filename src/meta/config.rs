@@ -202,8 +202,18 @@ impl MetaConfig {
     /// chosen.
     ///
     /// The figure counts tensor values only: the temporary buffers inside ops (a
-    /// convolution's unfolded input), the parameters and the allocator's own overhead
-    /// come on top, so leave room for them.
+    /// convolution's unfolded input), what ops keep beside their values (max-pooling's
+    /// index maps, ReLU's masks), what a task holds off its tapes (the recomputing
+    /// inner loop's per-step parameters, iMAML's conjugate-gradient vectors), the
+    /// parameters and the allocator's own overhead come on top, so leave room for them.
+    /// A figure is reused for steps of the same kind; tasks whose sizes change from step
+    /// to step are measured again (their first task alone) at every change.
+    ///
+    /// The budget bounds meta-steps, [`meta_gradient`](super::MetaLearner::meta_gradient)
+    /// and Reptile steps. Evaluation ([`crate::eval::evaluate`]) takes its own bound on
+    /// the tasks at once. Across MPI ranks, a step of a kind not yet measured runs one
+    /// task at a time on every rank (the ranks must make the same exchanges); a rank
+    /// whose block of a step is empty keeps the figure it had.
     ///
     /// The results (meta-gradient, loss, accuracy, statistics, parameters) are bitwise
     /// the same at any concurrency: tasks are reduced in their order, whatever ran when.

@@ -440,14 +440,19 @@ impl<F: Float, M: Model<F>> MetaLearner<F, M> {
             }
             None => (self.comm.map(n, 1, measured)?, 1),
         };
-        let per_task = largest.load(Ordering::Relaxed);
-        *self.schedule.lock() = (
-            Some((probe, per_task)),
-            Concurrency {
-                tasks: in_flight(k),
-                task_bytes: Some(per_task),
-            },
-        );
+        // A rank whose block of this step is empty measured nothing: it keeps the figure
+        // it had (or none), never a figure of 0 bytes, which would lift the bound.
+        let per_task = Some(largest.load(Ordering::Relaxed))
+            .filter(|&b| b > 0)
+            .or(known);
+        let mut schedule = self.schedule.lock();
+        if let Some(bytes) = per_task {
+            schedule.0 = Some((probe, bytes));
+        }
+        schedule.1 = Concurrency {
+            tasks: in_flight(k),
+            task_bytes: per_task,
+        };
         Ok(out)
     }
 

@@ -8,50 +8,17 @@
 //! step bitwise as one process.
 
 mod common;
+use common::{image_tasks, sinusoid_tasks, small_conv};
 
 use metagrad::checkpoint::Checkpoint;
-use metagrad::data::{
-    rng_from_seed, EpisodeSampler, EpisodeSpec, ImageCollection, SinusoidSampler,
-};
+use metagrad::data::rng_from_seed;
 use metagrad::map_fn::with_threads;
 use metagrad::meta::{Imaml, InnerRule, Memory, MetaConfig, MetaLearner, Optimizer, Order, Task};
-use metagrad::nn::{Conv4, Ctx, Downsample, Mlp, Model, NormKind, Observed, Params};
+use metagrad::nn::{Conv4, Ctx, Mlp, Model, NormKind, Observed, Params};
 use metagrad::{Error, Tape, Var};
-use ndarray::{Array3, ArrayD};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use ndarray::ArrayD;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-/// A tiny Conv-4 (16×16 inputs, 2 filters, 3 ways) with batch norm.
-fn tiny_conv() -> Conv4 {
-    Conv4 {
-        in_channels: 1,
-        image_size: 16,
-        filters: 2,
-        ways: 3,
-        norm: NormKind::Batch { per_step: None },
-        downsample: Downsample::MaxPool,
-        eps: 1e-5,
-    }
-}
-
-/// `n` three-way one-shot tasks with two queries per class on random 16×16 "images".
-fn image_tasks(n: usize, seed: u64) -> Vec<Task<f32>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let images = Array3::from_shape_simple_fn((6 * 4, 16, 16), || rng.gen_range(0.0..1.0f32));
-    let coll = ImageCollection::from_class_sizes(images, &[4; 6]).unwrap();
-    let mut s = EpisodeSampler::new(&coll, EpisodeSpec::new(3, 1, 2), seed).unwrap();
-    (0..n).map(|_| Task::from_episode(&s.sample())).collect()
-}
-
-fn sinusoid_tasks(n: usize, seed: u64) -> Vec<Task<f32>> {
-    let b = SinusoidSampler::new(5, 5, seed)
-        .unwrap()
-        .sample_batch(n)
-        .unwrap();
-    Task::from_sinusoid(&b)
-}
 
 fn bits(arrays: &[ArrayD<f32>]) -> Vec<Vec<u32>> {
     arrays
@@ -196,10 +163,18 @@ fn every_budget_gives_bitwise_the_same_steps() {
         ("iMAML", maml.clone().implicit(Imaml::new(2.0, 3))),
     ];
     for (name, config) in configs {
-        let base = MetaLearner::new(tiny_conv(), config, 11);
+        let base = MetaLearner::new(
+            small_conv(2, NormKind::Batch { per_step: None }),
+            config,
+            11,
+        );
         assert_same(name, &base, &batches, false);
     }
-    let base = MetaLearner::new(tiny_conv(), MetaConfig::maml(2, 0.2), 12);
+    let base = MetaLearner::new(
+        small_conv(2, NormKind::Batch { per_step: None }),
+        MetaConfig::maml(2, 0.2),
+        12,
+    );
     assert_same("Reptile", &base, &batches, true);
 }
 
@@ -262,7 +237,7 @@ impl Model<f32> for Watched {
 fn a_tiny_budget_runs_one_task_at_a_time_and_a_large_one_more() {
     let tasks = image_tasks(4, 30);
     let model = Watched {
-        inner: tiny_conv(),
+        inner: small_conv(2, NormKind::Batch { per_step: None }),
         now: Arc::default(),
         most: Arc::default(),
     };
@@ -318,7 +293,11 @@ fn a_tiny_budget_runs_one_task_at_a_time_and_a_large_one_more() {
 #[test]
 fn the_recomputed_inner_loop_measures_less_per_task() {
     let tasks = image_tasks(2, 40);
-    let base = MetaLearner::new(tiny_conv(), MetaConfig::maml(10, 0.1), 41);
+    let base = MetaLearner::new(
+        small_conv(2, NormKind::Batch { per_step: None }),
+        MetaConfig::maml(10, 0.1),
+        41,
+    );
     let stored = per_task(&base, &tasks, false);
     let mut recompute = base.clone();
     recompute.config.memory = Memory::Recompute;
@@ -382,7 +361,11 @@ fn a_budget_of_zero_bytes_is_refused() {
 fn a_budget_across_ranks_gives_bitwise_one_process() {
     // Five tasks, so that three ranks hold blocks of different sizes.
     let batches: Vec<Vec<Task<f32>>> = (0..3).map(|i| image_tasks(5, 60 + i)).collect();
-    let base = MetaLearner::new(tiny_conv(), MetaConfig::maml(1, 0.2), 61);
+    let base = MetaLearner::new(
+        small_conv(2, NormKind::Batch { per_step: None }),
+        MetaConfig::maml(1, 0.2),
+        61,
+    );
     for reptile in [false, true] {
         let (want, _) = run(&base, &batches, None, 1, reptile);
         for size in [2, 3] {
@@ -408,7 +391,11 @@ fn a_budget_across_ranks_gives_bitwise_one_process() {
 fn a_rank_without_tasks_keeps_the_bound() {
     let one = image_tasks(1, 70);
     let five = image_tasks(5, 71);
-    let base = MetaLearner::new(tiny_conv(), MetaConfig::maml(1, 0.2), 72);
+    let base = MetaLearner::new(
+        small_conv(2, NormKind::Batch { per_step: None }),
+        MetaConfig::maml(1, 0.2),
+        72,
+    );
     // Room for one task and a half: one task at a time.
     let budget = Budget::Tasks(1).bytes(per_task(&base, &five, false));
     let got = common::on_ranks(3, |comm| {

@@ -3,45 +3,14 @@
 //! request that cannot make sense is refused before anything changes, and evaluation
 //! reports a non-finite result as an error.
 
-use metagrad::data::{EpisodeSampler, EpisodeSpec, ImageCollection, SinusoidSampler};
 use metagrad::meta::Targets;
 use metagrad::meta::{InnerRule, MetaConfig, MetaLearner, NonFinite, Optimizer, Task};
-use metagrad::nn::{Conv4, Downsample, Mlp, Model, NormKind, NormMode};
+use metagrad::nn::{Mlp, Model, NormKind, NormMode};
 use metagrad::{Error, Float};
-use ndarray::{Array3, ArrayD, IxDyn};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use ndarray::{ArrayD, IxDyn};
 
 mod common;
-use common::state;
-
-fn small_conv() -> Conv4 {
-    Conv4 {
-        in_channels: 1,
-        image_size: 16,
-        filters: 3,
-        ways: 3,
-        norm: NormKind::Batch { per_step: None },
-        downsample: Downsample::MaxPool,
-        eps: 1e-5,
-    }
-}
-
-fn image_tasks<F: Float>(n: usize, seed: u64) -> Vec<Task<F>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let images = Array3::from_shape_simple_fn((6 * 5, 16, 16), || rng.gen_range(0.0..1.0f32));
-    let coll = ImageCollection::from_class_sizes(images, &[5; 6]).unwrap();
-    let mut s = EpisodeSampler::new(&coll, EpisodeSpec::new(3, 1, 2), seed).unwrap();
-    (0..n).map(|_| Task::from_episode(&s.sample())).collect()
-}
-
-fn sine_tasks(n: usize, seed: u64) -> Vec<Task<f32>> {
-    let batch = SinusoidSampler::new(5, 5, seed)
-        .unwrap()
-        .sample_batch(n)
-        .unwrap();
-    Task::from_sinusoid(&batch)
-}
+use common::{image_tasks, sinusoid_tasks, small_conv, state};
 
 /// Trains two clean steps (so Adam has momentum that a bad step could apply), then
 /// returns the learner and optimiser.
@@ -68,10 +37,10 @@ fn poison<F: Float>(a: &mut ArrayD<F>, at: usize, v: F) {
 
 #[test]
 fn a_nan_support_point_is_refused_and_changes_nothing() {
-    let clean = sine_tasks(6, 1);
+    let clean = sinusoid_tasks::<f32>(6, 1);
     for reptile in [false, true] {
         let (mut l, mut opt) = trained(Mlp::sinusoid(), &clean, reptile);
-        let mut bad = sine_tasks(6, 2);
+        let mut bad = sinusoid_tasks::<f32>(6, 2);
         poison(&mut bad[4].support_x, 3, f32::NAN);
         let before = state(&l, &opt);
         let r = if reptile {
@@ -122,7 +91,11 @@ fn a_nan_support_point_is_refused_and_changes_nothing() {
 #[test]
 fn a_nan_query_pixel_under_batch_norm_is_refused_and_changes_nothing() {
     let clean: Vec<Task<f32>> = image_tasks(4, 3);
-    let (mut l, mut opt) = trained(small_conv(), &clean, false);
+    let (mut l, mut opt) = trained(
+        small_conv(3, NormKind::Batch { per_step: None }),
+        &clean,
+        false,
+    );
     let mut bad = image_tasks::<f32>(4, 4);
     poison(&mut bad[1].query_x, 17, f32::NAN);
     poison(&mut bad[3].query_x, 0, f32::INFINITY);
@@ -142,10 +115,10 @@ fn a_nan_query_pixel_under_batch_norm_is_refused_and_changes_nothing() {
 
 #[test]
 fn the_skip_policy_skips_counts_and_changes_nothing_else() {
-    let clean = sine_tasks(4, 5);
+    let clean = sinusoid_tasks::<f32>(4, 5);
     let (mut l, mut opt) = trained(Mlp::sinusoid(), &clean, false);
     l.config.on_non_finite = NonFinite::Skip;
-    let mut bad = sine_tasks(4, 6);
+    let mut bad = sinusoid_tasks::<f32>(4, 6);
     poison(bad[0].query_y_values(), 0, f32::NAN);
     let (params, norm, step, opt0) = (l.params.clone(), l.norm.clone(), l.step, opt.clone());
     let stats = l.meta_step(&bad, &mut opt).unwrap();
@@ -177,7 +150,7 @@ impl QueryValues for Task<f32> {
 fn an_update_that_overflows_is_refused_even_with_finite_gradients() {
     // Huge targets: the loss and gradients are finite in f32, but SGD with a huge rate
     // would take the parameters past the largest float.
-    let mut tasks = sine_tasks(2, 7);
+    let mut tasks = sinusoid_tasks::<f32>(2, 7);
     for t in &mut tasks {
         t.query_y_values().mapv_inplace(|v| v * 1e15);
     }
@@ -198,7 +171,7 @@ fn an_update_that_overflows_is_refused_even_with_finite_gradients() {
 
 #[test]
 fn degenerate_requests_are_refused_before_any_state_changes() {
-    let clean = sine_tasks(4, 8);
+    let clean = sinusoid_tasks::<f32>(4, 8);
     let (mut l, mut opt) = trained(Mlp::sinusoid(), &clean, false);
     let before = state(&l, &opt);
     let config = |r: metagrad::Result<_>, what: &str, needle: &str| match r {
@@ -236,7 +209,7 @@ fn degenerate_requests_are_refused_before_any_state_changes() {
     );
 
     let mut t = clean.clone();
-    t[3] = sine_tasks(1, 9).remove(0);
+    t[3] = sinusoid_tasks::<f32>(1, 9).remove(0);
     t[3].query_x = ArrayD::zeros(IxDyn(&[7, 1]));
     t[3].query_y = Targets::Values(ArrayD::zeros(IxDyn(&[7, 1])));
     // Tasks of different shapes are no longer degenerate: each runs on its own tape (on
@@ -293,7 +266,11 @@ fn degenerate_requests_are_refused_before_any_state_changes() {
 #[test]
 fn evaluation_reports_errors_instead_of_numbers_or_panics() {
     let tasks: Vec<Task<f32>> = image_tasks(2, 10);
-    let (l, _) = trained(small_conv(), &tasks, false);
+    let (l, _) = trained(
+        small_conv(3, NormKind::Batch { per_step: None }),
+        &tasks,
+        false,
+    );
     let (loss, acc) = l.evaluate_task(&tasks[0], 2, NormMode::Inductive).unwrap();
     assert!(loss.is_finite() && acc.is_some());
 
@@ -352,7 +329,11 @@ fn dense_and_sparse_targets_give_the_same_meta_gradient() {
         })
         .collect();
     for rule in [InnerRule::Sgd, InnerRule::MetaSgd] {
-        let l = MetaLearner::new(small_conv(), MetaConfig::maml(2, 0.1).with_rule(rule), 3);
+        let l = MetaLearner::new(
+            small_conv(3, NormKind::Batch { per_step: None }),
+            MetaConfig::maml(2, 0.1).with_rule(rule),
+            3,
+        );
         let (gs, ss, _) = l.meta_gradient(&sparse).unwrap();
         let (gd, sd, _) = l.meta_gradient(&dense).unwrap();
         assert_eq!(ss.accuracy, sd.accuracy);

@@ -4,18 +4,18 @@
 
 mod common;
 
-use common::{on_ranks, state};
+use common::{image_tasks, on_ranks, small_conv, state};
 use metagrad::checkpoint::Checkpoint;
-use metagrad::data::{rng_from_seed, EpisodeSampler, EpisodeSpec, ImageCollection};
+use metagrad::data::rng_from_seed;
 use metagrad::dist::Comm;
 use metagrad::map_fn::with_threads;
 use metagrad::meta::{
     Imaml, InnerRule, MetaConfig, MetaLearner, NonFinite, Optimizer, Order, Targets, Task,
 };
 use metagrad::nn::layers::linear;
-use metagrad::nn::{Conv4, Ctx, Downsample, Mlp, Model, NormKind, NormMode, Params};
+use metagrad::nn::{Ctx, Mlp, Model, NormKind, NormMode, Params};
 use metagrad::{Error, Tape, Var};
-use ndarray::{Array2, Array3, ArrayD, IxDyn};
+use ndarray::{Array2, ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
@@ -340,28 +340,6 @@ fn finite_differences_of_the_implicit_meta_gradient() {
     }
 }
 
-/// A small Conv-4 (16×16 inputs, 3 filters, 3 ways) with batch norm.
-fn small_conv() -> Conv4 {
-    Conv4 {
-        in_channels: 1,
-        image_size: 16,
-        filters: 3,
-        ways: 3,
-        norm: NormKind::Batch { per_step: None },
-        downsample: Downsample::MaxPool,
-        eps: 1e-5,
-    }
-}
-
-/// Three-way one-shot tasks with two queries per class on random 16×16 "images".
-fn image_tasks(n: usize, seed: u64) -> Vec<Task<f32>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let images = Array3::from_shape_simple_fn((6 * 5, 16, 16), || rng.gen_range(0.0..1.0f32));
-    let coll = ImageCollection::from_class_sizes(images, &[5; 6]).unwrap();
-    let mut s = EpisodeSampler::new(&coll, EpisodeSpec::new(3, 1, 2), seed).unwrap();
-    (0..n).map(|_| Task::from_episode(&s.sample())).collect()
-}
-
 /// The same steps, bitwise, on 1 and 2 threads: a Conv-4 with batch norm (one task per
 /// tape) and an MLP on regression tasks (tasks grouped in chunks).
 #[test]
@@ -369,7 +347,11 @@ fn thread_count_does_not_change_the_bits() {
     let run = |threads: usize| {
         with_threads(threads, || {
             let config = MetaConfig::imaml(3, 0.1, 2.0, 3);
-            let mut l = MetaLearner::<f32, _>::new(small_conv(), config, 0);
+            let mut l = MetaLearner::<f32, _>::new(
+                small_conv(3, NormKind::Batch { per_step: None }),
+                config,
+                0,
+            );
             let mut opt = Optimizer::adam(1e-2);
             let mut cg = Vec::new();
             for s in 0..2 {
@@ -584,9 +566,13 @@ fn ranks_end_bitwise_equal_to_one_process() {
     let batches: Vec<Vec<Task<f32>>> = (0..2).map(|s| image_tasks(5, 10 + s)).collect();
     let train = |comm: Comm| {
         let config = MetaConfig::imaml(3, 0.1, 2.0, 3);
-        let mut l = MetaLearner::<f32, _>::new(small_conv(), config, 0)
-            .with_comm(comm)
-            .unwrap();
+        let mut l = MetaLearner::<f32, _>::new(
+            small_conv(3, NormKind::Batch { per_step: None }),
+            config,
+            0,
+        )
+        .with_comm(comm)
+        .unwrap();
         let mut opt = Optimizer::adam(1e-2);
         let cg: Vec<_> = batches
             .iter()

@@ -6,57 +6,14 @@
 //! TaskNorm, and on 1 and 2 threads.
 
 mod common;
+use common::{image_tasks, small_conv};
 
-use metagrad::data::{EpisodeSampler, EpisodeSpec, ImageCollection, SinusoidSampler};
+use metagrad::data::SinusoidSampler;
 use metagrad::map_fn::with_threads;
 use metagrad::meta::{InnerRule, Memory, MetaConfig, MetaLearner, Optimizer, Order, Task};
-use metagrad::nn::{Conv4, Downsample, Mlp, Model, NormKind, Observed};
+use metagrad::nn::{Mlp, Model, NormKind, Observed};
 use metagrad::Float;
-use ndarray::{Array3, ArrayD};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
-/// A tiny Conv-4 (16×16 inputs, 2 filters, 3 ways).
-fn tiny_conv(norm: NormKind) -> Conv4 {
-    Conv4 {
-        in_channels: 1,
-        image_size: 16,
-        filters: 2,
-        ways: 3,
-        norm,
-        downsample: Downsample::MaxPool,
-        eps: 1e-5,
-    }
-}
-
-/// Three-way one-shot tasks with two queries per class on random 16×16 "images".
-fn image_tasks<F: Float>(n: usize, seed: u64) -> Vec<Task<F>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let images = Array3::from_shape_simple_fn((6 * 4, 16, 16), || rng.gen_range(0.0..1.0f32));
-    let coll = ImageCollection::from_class_sizes(images, &[4; 6]).unwrap();
-    let mut s = EpisodeSampler::new(&coll, EpisodeSpec::new(3, 1, 2), seed).unwrap();
-    (0..n)
-        .map(|_| {
-            let t = Task::<f32>::from_episode(&s.sample());
-            Task {
-                support_x: t.support_x.mapv(|v| F::c(v as f64)),
-                support_y: cast_targets(t.support_y),
-                query_x: t.query_x.mapv(|v| F::c(v as f64)),
-                query_y: cast_targets(t.query_y),
-            }
-        })
-        .collect()
-}
-
-fn cast_targets<F: Float>(y: metagrad::meta::Targets<f32>) -> metagrad::meta::Targets<F> {
-    use metagrad::meta::Targets;
-    match y {
-        Targets::Classes(c) => Targets::Classes(c),
-        Targets::Probabilities(p) => Targets::Probabilities(p.mapv(|v| F::c(v as f64))),
-        Targets::Values(v) => Targets::Values(v.mapv(|v| F::c(v as f64))),
-        Targets::StackedValues(v) => Targets::StackedValues(v.mapv(|v| F::c(v as f64))),
-    }
-}
+use ndarray::ArrayD;
 
 /// Every bit of every value (widening to f64 is exact and keeps the sign of zero).
 fn bits<F: Float>(arrays: &[ArrayD<F>]) -> Vec<Vec<u64>> {
@@ -164,7 +121,7 @@ fn conv_family<F: Float>(steps: usize, seed: u64) {
     // Three meta-steps of two tasks each; the first batch also gives the meta-gradient.
     let tasks: Vec<Vec<Task<F>>> = (0..3).map(|i| image_tasks(2, seed + i)).collect();
     for (name, norm, config) in configs(steps) {
-        let base = MetaLearner::<F, _>::new(tiny_conv(norm), config, seed);
+        let base = MetaLearner::<F, _>::new(small_conv(2, norm), config, seed);
         assert_same(&format!("{name}, {steps} steps"), &base, &tasks);
     }
 }
@@ -235,7 +192,7 @@ fn task_norm_and_group_norm_are_bitwise_the_stored_path() {
         for steps in [1, 5] {
             let mut config = MetaConfig::maml(steps, 0.2);
             config.multi_step_loss = Some(3);
-            let base = MetaLearner::<f32, _>::new(tiny_conv(norm), config, 71);
+            let base = MetaLearner::<f32, _>::new(small_conv(2, norm), config, 71);
             assert_same(&format!("{norm:?}, {steps} steps"), &base, &tasks);
         }
     }
@@ -261,7 +218,7 @@ fn a_non_finite_step_is_refused_or_skipped_the_same_way() {
     let mut tasks: Vec<Task<f32>> = image_tasks(3, 80);
     tasks[1].query_x[[2, 0, 3, 4]] = f32::NAN;
     let base = MetaLearner::<f32, _>::new(
-        tiny_conv(NormKind::Batch { per_step: None }),
+        small_conv(2, NormKind::Batch { per_step: None }),
         MetaConfig::maml(3, 0.2),
         81,
     );

@@ -29,10 +29,7 @@ impl<F: Float> Tape<F> {
         );
         let start = self.len();
         let seed = self.constant(ArrayD::ones(shape));
-        self.backward(&[(output, seed)], wrt, &[], create_graph, start, true)
-            .into_iter()
-            .map(|g| g.expect("zeros filled in"))
-            .collect()
+        self.backward_filled(&[(output, seed)], wrt, create_graph, start)
     }
 
     /// Vector-Jacobian products: the gradients of `sum(output * seed)` with respect to each
@@ -49,10 +46,7 @@ impl<F: Float> Tape<F> {
             self.shape(output)
         );
         let start = self.len();
-        self.backward(&[(output, seed)], wrt, &[], create_graph, start, true)
-            .into_iter()
-            .map(|g| g.expect("zeros filled in"))
-            .collect()
+        self.backward_filled(&[(output, seed)], wrt, create_graph, start)
     }
 
     /// Vector-Jacobian products of several outputs at once: the gradients of
@@ -86,10 +80,7 @@ impl<F: Float> Tape<F> {
     ) -> Vec<Var> {
         let pairs = self.seed_pairs(outputs, seeds);
         let start = self.len();
-        self.backward(&pairs, wrt, &[], create_graph, start, true)
-            .into_iter()
-            .map(|g| g.expect("zeros filled in"))
-            .collect()
+        self.backward_filled(&pairs, wrt, create_graph, start)
     }
 
     /// [`Tape::grad_seeded`] added onto running adjoints: `onto[i]` (when `Some`) is the
@@ -194,6 +185,21 @@ impl<F: Float> Tape<F> {
             );
         }
         outputs.iter().copied().zip(seeds.iter().copied()).collect()
+    }
+
+    /// [`Tape::backward`] with no running adjoints, a `wrt` that receives nothing getting
+    /// zeros.
+    fn backward_filled(
+        &mut self,
+        seeds: &[(Var, Var)],
+        wrt: &[Var],
+        create_graph: bool,
+        start: usize,
+    ) -> Vec<Var> {
+        self.backward(seeds, wrt, &[], create_graph, start, true)
+            .into_iter()
+            .map(|g| g.expect("zeros filled in"))
+            .collect()
     }
 
     /// The backward pass from each `(output, seed)`, onto the running adjoints `onto`

@@ -1,10 +1,14 @@
 //! Helpers shared by the integration tests (each binary uses some of them).
 #![allow(dead_code)]
 
+use metagrad::data::{EpisodeSampler, EpisodeSpec, ImageCollection, SinusoidSampler};
 use metagrad::dist::{Comm, Transport};
-use metagrad::meta::{MetaLearner, Optimizer};
-use metagrad::nn::Model;
+use metagrad::meta::{MetaLearner, Optimizer, Task};
+use metagrad::nn::{Conv4, Downsample, Model, NormKind};
 use metagrad::Float;
+use ndarray::Array3;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::fmt::Debug;
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -68,4 +72,36 @@ pub fn on_ranks<T: Send>(size: usize, job: impl Fn(Comm) -> T + Sync) -> Vec<T> 
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+/// A small Conv-4 on 1×16×16 inputs: `filters` filters, 3 ways, max-pooling.
+pub fn small_conv(filters: usize, norm: NormKind) -> Conv4 {
+    Conv4 {
+        in_channels: 1,
+        image_size: 16,
+        filters,
+        ways: 3,
+        norm,
+        downsample: Downsample::MaxPool,
+        eps: 1e-5,
+    }
+}
+
+/// `n` three-way one-shot tasks with two queries per class on random 16×16 "images"
+/// (6 classes of 5).
+pub fn image_tasks<F: Float>(n: usize, seed: u64) -> Vec<Task<F>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let images = Array3::from_shape_simple_fn((6 * 5, 16, 16), || rng.gen_range(0.0..1.0f32));
+    let coll = ImageCollection::from_class_sizes(images, &[5; 6]).unwrap();
+    let mut s = EpisodeSampler::new(&coll, EpisodeSpec::new(3, 1, 2), seed).unwrap();
+    (0..n).map(|_| Task::from_episode(&s.sample())).collect()
+}
+
+/// `n` sinusoid tasks of 5 support and 5 query points.
+pub fn sinusoid_tasks<F: Float>(n: usize, seed: u64) -> Vec<Task<F>> {
+    let batch = SinusoidSampler::new(5, 5, seed)
+        .unwrap()
+        .sample_batch(n)
+        .unwrap();
+    Task::from_sinusoid(&batch)
 }

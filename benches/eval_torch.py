@@ -1,5 +1,5 @@
 """Evaluation speed with plain PyTorch on CPU: the few-shot evaluation protocol on W4's
-shapes, the counterpart of `maml_step`'s `W4-mini5w1s-eval600-10step` (issue 19).
+shapes, the counterpart of `maml_step`'s `W4-mini5w1s-eval600-10step`.
 
 W4's shapes, from the reference script `maml_torch.py` (imported, not copied): RGB 84x84,
 Conv-4 with 32 filters (conv3x3 -> BN with batch statistics and affine -> ReLU ->

@@ -304,7 +304,7 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
-/// The evaluation protocol on W4's shapes (issue 19): `inner_steps` first-order
+/// The evaluation protocol on W4's shapes: `inner_steps` first-order
 /// test-time steps per task, no meta-batch (the number of tasks is `--eval-tasks`, 600 by
 /// default). Run by [`run_eval`], only when named with `--only`.
 const EVAL: Workload = Workload {

@@ -6,9 +6,8 @@
 //! TaskNorm, and on 1 and 2 threads.
 
 mod common;
-use common::{image_tasks, small_conv};
+use common::{image_tasks, sinusoid_tasks, small_conv};
 
-use metagrad::data::SinusoidSampler;
 use metagrad::map_fn::with_threads;
 use metagrad::meta::{InnerRule, Memory, MetaConfig, MetaLearner, Optimizer, Order, Task};
 use metagrad::nn::{Mlp, Model, NormKind, Observed};
@@ -153,15 +152,7 @@ fn twenty_five_inner_steps_are_bitwise_the_stored_path_f64() {
 
 #[test]
 fn task_chunks_on_one_tape_are_bitwise_the_stored_path() {
-    let tasks: Vec<Vec<Task<f32>>> = (0..3)
-        .map(|i| {
-            let b = SinusoidSampler::new(5, 5, 60 + i)
-                .unwrap()
-                .sample_batch(5)
-                .unwrap();
-            Task::from_sinusoid(&b)
-        })
-        .collect();
+    let tasks: Vec<Vec<Task<f32>>> = (0..3).map(|i| sinusoid_tasks(5, 60 + i)).collect();
     for rule in [
         InnerRule::Sgd,
         InnerRule::MetaSgd,
